@@ -1,0 +1,259 @@
+"""The one decoder: every supported family is this module configured by a DecoderConfig.
+
+Parameter names are Hugging Face's (`model.layers.3.self_attn.q_proj.weight`), so checkpoints, PEFT
+adapters and merged exports need no renaming. `Decoder.forward` returns final hidden states; callers
+apply the lm_head through `Decoder.logits` (or chunk it inside a loss).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from gazelle.models.config import DecoderConfig
+from gazelle.models.rope import RotaryTables, apply_rotary
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, offset: float) -> torch.Tensor:
+    """x * rsqrt(mean(x^2) + eps) * (offset + weight), normalised in float32.
+
+    With offset 0 the normalised x is rounded to x's dtype before the weight multiplies it (llama);
+    with an offset the product is formed in float32 and rounded once (gemma). Both match their checkpoints'
+    reference implementations bit for bit in 16-bit.
+    """
+    x32 = x.float()
+    normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
+    if offset:
+        return (normed * (offset + weight.float())).to(x.dtype)
+    return weight * normed.to(x.dtype)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float, offset: float = 0.0):
+        super().__init__()
+        self.eps, self.offset = eps, offset
+        self.weight = nn.Parameter(torch.zeros(dim) if offset else torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return rms_norm(x, self.weight, self.eps, self.offset)
+
+
+ACT_FNS = {
+    "silu": F.silu,
+    "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"),
+    "gelu": F.gelu,
+}
+
+
+def softcap(x: torch.Tensor, cap: float | None) -> torch.Tensor:
+    return x if cap is None else torch.tanh(x / cap) * cap
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: DecoderConfig, layer: int):
+        super().__init__()
+        self.layer = layer
+        self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        self.scale, self.softcap = cfg.attn_scale, cfg.attn_softcap
+        q_size, kv_size = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
+        self.split = (q_size, kv_size, kv_size)
+        self.fused, self.qk_norm = cfg.fused_qkv, cfg.qk_norm
+        if cfg.fused_qkv:
+            self.qkv_proj = nn.Linear(cfg.hidden_size, q_size + 2 * kv_size, bias=cfg.qkv_bias)
+        else:
+            self.q_proj = nn.Linear(cfg.hidden_size, q_size, bias=cfg.qkv_bias)
+            self.k_proj = nn.Linear(cfg.hidden_size, kv_size, bias=cfg.qkv_bias)
+            self.v_proj = nn.Linear(cfg.hidden_size, kv_size, bias=cfg.qkv_bias)
+        self.o_proj = nn.Linear(q_size, cfg.hidden_size, bias=cfg.o_bias)
+        if cfg.qk_norm:
+            self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps, cfg.norm_offset)
+            self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps, cfg.norm_offset)
+
+    def project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        if self.fused:
+            return self.qkv_proj(x).split(self.split, dim=-1)
+        return self.q_proj(x), self.k_proj(x), self.v_proj(x)
+
+    def forward(self, x, cos, sin, mask, cache=None):
+        B, T, _ = x.shape
+        q, k, v = self.project(x)
+        q = q.view(B, T, self.num_heads, self.head_dim)
+        k = k.view(B, T, self.num_kv_heads, self.head_dim)
+        v = v.view(B, T, self.num_kv_heads, self.head_dim)
+        if self.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, heads, T, D)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        if cache is not None:
+            k, v = cache.update(self.layer, k, v)  # (B, kv_heads, S, D), S = past + T
+        out = attend(q, k, v, mask, self.scale, self.softcap)  # (B, heads, T, D)
+        return self.o_proj(out.transpose(1, 2).reshape(B, T, -1))
+
+
+def attend(q, k, v, mask: torch.Tensor | None, scale: float, cap: float | None) -> torch.Tensor:
+    """Grouped-query attention. mask: (B, 1, T, S) bool, True where a query may see a key; None = causal, T == S."""
+    if cap is None:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, scale=scale, enable_gqa=True)
+    # Soft-capped scores (gemma2) cannot go through SDPA: form them explicitly.
+    groups = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+    scores = softcap(q @ k.transpose(-1, -2) * scale, cap)  # (B, heads, T, S)
+    if mask is None:
+        T = q.shape[2]
+        mask = torch.ones(T, T, dtype=torch.bool, device=q.device).tril()
+    scores = scores.masked_fill(~mask, float("-inf"))
+    return torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype) @ v
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: DecoderConfig):
+        super().__init__()
+        h, i, bias = cfg.hidden_size, cfg.intermediate_size, cfg.mlp_bias
+        if cfg.fused_gate_up:
+            self.gate_up_proj = nn.Linear(h, 2 * i, bias=bias)
+        else:
+            self.gate_proj = nn.Linear(h, i, bias=bias)
+            self.up_proj = nn.Linear(h, i, bias=bias)
+        self.down_proj = nn.Linear(i, h, bias=bias)
+        self.fused = cfg.fused_gate_up
+        self.act = ACT_FNS[cfg.hidden_act]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.fused:
+            gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        else:
+            gate, up = self.gate_proj(x), self.up_proj(x)
+        return self.down_proj(self.act(gate) * up)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: DecoderConfig, layer: int):
+        super().__init__()
+        norm = lambda: RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg.norm_offset)  # noqa: E731
+        self.self_attn = Attention(cfg, layer)
+        self.mlp = MLP(cfg)
+        self.input_layernorm = norm()
+        self.post_attention_layernorm = norm()
+        self.sandwich = cfg.sandwich_norm
+        if cfg.sandwich_norm:
+            self.pre_feedforward_layernorm = norm()
+            self.post_feedforward_layernorm = norm()
+
+    def forward(self, x, cos, sin, mask, cache=None):
+        if self.sandwich:  # gemma: norms on both sides of attention and of the MLP
+            x = x + self.post_attention_layernorm(self.self_attn(self.input_layernorm(x), cos, sin, mask, cache))
+            return x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x)))
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class DecoderBody(nn.Module):
+    """Holds the parameters under the `model.` prefix of Hugging Face checkpoints."""
+
+    def __init__(self, cfg: DecoderConfig):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg.norm_offset)
+
+
+class Decoder(nn.Module):
+    """A decoder-only language model; `forward` gives hidden states, `logits` applies the head."""
+
+    def __init__(self, cfg: DecoderConfig):
+        super().__init__()
+        self.config = cfg
+        self.model = DecoderBody(cfg)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.gradient_checkpointing = False
+        self._rotary = {}
+        for i in range(cfg.num_layers):
+            rope = cfg.rope_for(i)
+            self._rotary.setdefault(rope, RotaryTables(rope))
+        self.tie_weights()
+
+    def tie_weights(self) -> None:
+        if self.config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        cache=None,
+    ) -> torch.Tensor:
+        """Final hidden states (B, T, hidden) for input_ids (B, T).
+
+        attention_mask: (B, past + T), 1 for tokens, 0 for padding (left or right).
+        position_ids: (B, T); defaults to counting the unpadded tokens. Given without a cache, a reset to
+            0 inside a row starts a new document: packed documents never attend to each other.
+        cache: a KV cache with `length` and `update(layer, k, v)`; it grows by T.
+        """
+        cfg = self.config
+        B, T = input_ids.shape
+        past = cache.length if cache is not None else 0
+        documents = position_ids is not None and cache is None
+        if position_ids is None:
+            if attention_mask is None:
+                position_ids = torch.arange(past, past + T, device=input_ids.device).expand(B, T)
+            else:
+                position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -T:]
+        h = self.model.embed_tokens(input_ids)
+        if cfg.embed_scale != 1.0:
+            h = h * torch.tensor(cfg.embed_scale, dtype=h.dtype)
+        tables = {rope: table(position_ids, h.dtype) for rope, table in self._rotary.items()}
+        masks = {
+            w: build_mask(T, past, attention_mask, position_ids if documents else None, w, input_ids.device)
+            for w in {cfg.window(i) for i in range(cfg.num_layers)}
+        }
+        for i, layer in enumerate(self.model.layers):
+            cos, sin = tables[cfg.rope_for(i)]
+            mask = masks[cfg.window(i)]
+            if self.gradient_checkpointing and self.training:
+                h = checkpoint(layer, h, cos, sin, mask, cache, use_reentrant=False)
+            else:
+                h = layer(h, cos, sin, mask, cache)
+        return self.model.norm(h)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """lm_head (and final soft-capping) over hidden states; callers choose which positions."""
+        return softcap(self.lm_head(hidden), self.config.final_softcap)
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in {id(p): p for p in self.parameters()}.values())
+
+
+def build_mask(
+    T: int,
+    past: int,
+    attention_mask: torch.Tensor | None,
+    position_ids: torch.Tensor | None,
+    window: int | None,
+    device: torch.device,
+) -> torch.Tensor | None:
+    """(B or 1, 1, T, past + T) bool mask, or None when plain causal attention is exact.
+
+    Query t sits at slot past + t. A key is visible when it is not in the future, is a real token,
+    lies within the sliding window (slot distance < window), and belongs to the same packed document
+    (documents start where position_ids reset to 0).
+    """
+    needs_window = window is not None and past + T > window
+    if attention_mask is None and position_ids is None and past == 0 and not needs_window:
+        return None
+    q_slot = torch.arange(past, past + T, device=device)[:, None]  # (T, 1)
+    k_slot = torch.arange(past + T, device=device)[None, :]  # (1, S)
+    allowed = k_slot <= q_slot
+    if needs_window:
+        allowed = allowed & (k_slot > q_slot - window)
+    allowed = allowed[None]  # (1, T, S)
+    if attention_mask is not None:
+        allowed = allowed & attention_mask.bool()[:, None, :]
+    if position_ids is not None:
+        doc = (position_ids == 0).cumsum(-1)  # (B, T)
+        allowed = allowed & (doc[:, :, None] == doc[:, None, :])
+    # A padding query sees nothing; letting it see its own slot keeps softmax finite (its output is unused).
+    allowed = allowed | (k_slot == q_slot)[None]
+    return allowed[:, None]
