@@ -13,3 +13,12 @@ def smollm2_gguf() -> str:
     from gazelle.models.builtin import smollm2_gguf_path
 
     return smollm2_gguf_path()
+
+
+@pytest.fixture(scope="session")
+def hf_smollm2(smollm2_gguf):
+    """transformers loading the same GGUF: the oracle for SmolLM2 (it takes ~25 s, so it is shared)."""
+    from transformers import AutoModelForCausalLM
+
+    folder, name = os.path.split(smollm2_gguf)
+    return AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32).eval()

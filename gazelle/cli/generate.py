@@ -54,6 +54,8 @@ def run(args: argparse.Namespace) -> None:
     device = pick_device(args.device)
     model, tokenizer = load(source, dtype=pick_dtype(args.dtype), device=device)
     prompt_ids = encode_prompt(tokenizer, args.prompt, args.chat, args.system, source)
+    if not prompt_ids:
+        raise GazelleError(f"--prompt {args.prompt!r} encodes to no tokens with the tokenizer of {source}")
     params = SamplingParams(do_sample=args.temperature > 0, temperature=args.temperature, top_p=args.top_p,
                             top_k=args.top_k, min_p=args.min_p)
     streamer = TextStreamer(tokenizer)
