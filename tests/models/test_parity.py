@@ -71,12 +71,38 @@ def test_logits_match_transformers_on_padded_batch(pair, side):
 
 
 def test_greedy_tokens_match_transformers(pair):
+    """The same 20 greedy tokens as transformers' generate.
+
+    Where the two first differ, transformers' own uncached forward over the common prefix is the judge:
+    gazelle's token must score within TIE of the best one there (1e-4 in fp32, so a real tie only;
+    0.125 in bf16, about twice the largest bf16 logit difference measured above). A divergence past
+    such a tie cannot be compared further, so the check ends there.
+    """
     family, hf, ours, _ = pair
+    tie = 1e-4 if DTYPE == torch.float32 else 0.125
     ids, mask, _ = padded_batch("left", seed=2)
+    prompt_len = ids.shape[1]
     expected = hf.generate(ids, attention_mask=mask, max_new_tokens=20, do_sample=False, eos_token_id=2,
                            pad_token_id=0)
     got = generate(ours, ids, mask, max_new_tokens=20, eos_token_ids=2, pad_token_id=0)
-    assert got.shape[1] > ids.shape[1], "nothing generated"
-    assert torch.equal(got, expected[:, : got.shape[1]]) and got.shape == expected.shape, (
-        f"{family}: greedy tokens differ\nours {got[:, ids.shape[1]:].tolist()}\nhf   {expected[:, ids.shape[1]:].tolist()}"
-    )
+    assert got.shape[1] > prompt_len, "nothing generated"
+    if got.shape == expected.shape and torch.equal(got, expected):
+        return
+    for row in range(ids.shape[0]):
+        n = min(got.shape[1], expected.shape[1])
+        differ = (got[row, :n] != expected[row, :n]).nonzero()
+        if not len(differ):
+            assert got.shape[1] == expected.shape[1], f"{family}: row {row} stops at a different length"
+            continue
+        t = int(differ[0])
+        # Teacher-force the whole batch on gazelle's tokens: longrope picks its factors per batch.
+        prefix_mask = torch.cat([mask, mask.new_ones(mask.shape[0], t - prompt_len)], dim=1)
+        positions = (prefix_mask.cumsum(-1) - 1).masked_fill(prefix_mask == 0, 1)
+        with torch.no_grad():
+            logits = hf(got[:, :t], attention_mask=prefix_mask, position_ids=positions).logits[row, -1].float()
+        shortfall = (logits.max() - logits[got[row, t]]).item()
+        assert shortfall <= tie, (
+            f"{family}: row {row} diverges at new token {t - prompt_len}: ours {int(got[row, t])} scores "
+            f"{shortfall:.3e} below transformers' best (tie tolerance {tie}); transformers generated "
+            f"{int(expected[row, t])}"
+        )
