@@ -8,6 +8,8 @@ tensors. Quantized tensors are dequantized one at a time by the `gguf` package.
 
 from __future__ import annotations
 
+import functools
+import os
 import struct
 from collections import Counter
 from dataclasses import dataclass
@@ -169,7 +171,20 @@ def gguf_file_type(path: str) -> str:
 
 
 def _open(path: str) -> gguf.GGUFReader:
-    """Memory-map and parse the file, turning parse failures into one-line GazelleErrors."""
+    """Memory-map and parse the file, turning parse failures into one-line GazelleErrors.
+
+    Parsing the metadata (a whole vocabulary and merge list) takes seconds, and loading asks for the
+    config, the tensors and the chat template in turn: the parsed reader is kept for an unchanged file.
+    """
+    try:
+        stat = os.stat(path)
+    except OSError as exc:
+        raise GazelleError(f"cannot open {path}: {exc.strerror or exc}") from exc
+    return _parse(os.path.abspath(path), stat.st_size, stat.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=2)
+def _parse(path: str, size: int, mtime_ns: int) -> gguf.GGUFReader:
     try:
         reader = gguf.GGUFReader(path)
     except OSError as exc:
