@@ -168,6 +168,11 @@ class Decoder(nn.Module):
         self.model = DecoderBody(cfg)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self.gradient_checkpointing = False
+        self.name_or_path: str | None = None
+        """Where the weights came from: recorded in saved adapters as their base model."""
+        self.lora_config = None
+        """The LoraConfig of attached adapters, None without LoRA."""
+        self.max_seq_length: int | None = None
         self._rotary = {}
         for i in range(cfg.num_layers):
             rope = cfg.rope_for(i)

@@ -111,6 +111,7 @@ def load_model(
     else:
         tensors = (item for shard in shard_files(source.path) for item in iter_safetensors(shard, dtype, device))
     assign_tensors(model, tensors, source.path)
+    model.name_or_path = os.fspath(name_or_path)
     return model.eval()
 
 
@@ -191,4 +192,6 @@ def load(name_or_path: str | os.PathLike, dtype: torch.dtype | None = None, devi
          token: str | None = None):
     """(model, tokenizer) from one resolved source."""
     source = resolve(name_or_path, token)
-    return load_model(source.path, dtype, device, token), load_tokenizer(source)
+    model = load_model(source.path, dtype, device, token)
+    model.name_or_path = os.fspath(name_or_path)  # the hub id, not the download cache, goes into adapters
+    return model, load_tokenizer(source)

@@ -1,0 +1,65 @@
+"""Token log-probabilities and cross-entropy through the lm_head in chunks: logits are never whole.
+
+Each chunk's logits are formed, reduced to one number per token and dropped; backward recomputes
+them chunk by chunk (activation checkpointing), so peak memory holds one chunk of logits, not
+B x T x vocab of them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch.utils.checkpoint import checkpoint
+
+IGNORE_INDEX = -100
+CHUNK_BYTES = 256 * 1024 * 1024  # float32 logits held at once
+
+
+def _chunk_log_probs(head: Callable[[torch.Tensor], torch.Tensor], hidden: torch.Tensor, targets: torch.Tensor,
+                     temperature: float) -> torch.Tensor:
+    logits = head(hidden)  # (n, vocab)
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # 16-bit logits are upcast
+    if temperature != 1.0:
+        logits = logits / temperature
+    picked = logits.gather(-1, targets.clamp(min=0)[:, None]).squeeze(-1)
+    return picked - torch.logsumexp(logits, dim=-1)
+
+
+def token_log_probs(
+    head: Callable[[torch.Tensor], torch.Tensor],
+    hidden: torch.Tensor,
+    targets: torch.Tensor,
+    vocab_size: int,
+    temperature: float = 1.0,
+    chunk_tokens: int | None = None,
+) -> torch.Tensor:
+    """log softmax(head(hidden) / temperature)[target] for every token.
+
+    hidden (..., H) and targets (...) -> log-probs (...) in float32 (float64 for float64 input); targets equal to IGNORE_INDEX give 0.
+    `head` maps (n, H) hidden states to (n, vocab) logits (lm_head and any soft-capping).
+    """
+    shape = targets.shape
+    hidden, targets = hidden.reshape(-1, hidden.shape[-1]), targets.reshape(-1)  # (N, H), (N,)
+    chunk = chunk_tokens or max(1, CHUNK_BYTES // (4 * vocab_size))
+    grad = torch.is_grad_enabled() and hidden.requires_grad
+    parts = []
+    for start in range(0, hidden.shape[0], chunk):
+        h, t = hidden[start : start + chunk], targets[start : start + chunk]
+        if grad:
+            parts.append(checkpoint(_chunk_log_probs, head, h, t, temperature, use_reentrant=False))
+        else:
+            parts.append(_chunk_log_probs(head, h, t, temperature))
+    log_probs = torch.cat(parts) if parts else hidden.new_zeros(0, dtype=torch.float32)
+    return log_probs.masked_fill(targets == IGNORE_INDEX, 0.0).reshape(shape)
+
+
+def cross_entropy_sum(head, hidden: torch.Tensor, targets: torch.Tensor, vocab_size: int,
+                      chunk_tokens: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sum over target tokens of -log p(target), number of target tokens).
+
+    The caller divides by the token count of the whole optimizer step, so that accumulation and
+    batching give the same token-normalised loss.
+    """
+    log_probs = token_log_probs(head, hidden, targets, vocab_size, chunk_tokens=chunk_tokens)
+    return -log_probs.sum(), (targets != IGNORE_INDEX).sum()

@@ -1,0 +1,84 @@
+"""TrainingArguments: the optimisation, schedule, logging and saving fields every trainer shares.
+
+Field names are the ones Hugging Face / TRL users already write; each is documented once, here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+from gazelle.errors import GazelleError
+
+SCHEDULERS = ("linear", "cosine", "constant", "constant_with_warmup")
+OPTIMIZERS = ("adamw_torch", "adamw_torch_fused", "adamw", "adamw_8bit", "paged_adamw_8bit")
+
+
+@dataclass
+class TrainingArguments:
+    output_dir: str = "outputs"
+    """Where checkpoints, metrics.jsonl, the loss plot and the final model go."""
+    per_device_train_batch_size: int = 2
+    """Examples (or packed rows) per forward pass."""
+    gradient_accumulation_steps: int = 1
+    """Forward passes per optimizer step; the loss is normalised by the target tokens of the whole step."""
+    learning_rate: float = 2e-4
+    embedding_learning_rate: float | None = None
+    """A separate learning rate for embed_tokens / lm_head parameters (continued pretraining)."""
+    num_train_epochs: float = 1.0
+    max_steps: int = -1
+    """Optimizer steps to run; when > 0 it overrides num_train_epochs."""
+    warmup_steps: int = 0
+    warmup_ratio: float = 0.0
+    """Warmup as a fraction of the total steps, used when warmup_steps is 0."""
+    lr_scheduler_type: str = "linear"
+    """linear, cosine, constant or constant_with_warmup."""
+    weight_decay: float = 0.0
+    optim: str = "adamw_torch"
+    """adamw_torch, or adamw_8bit (8-bit optimizer states, gazelle's own)."""
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_epsilon: float = 1e-8
+    max_grad_norm: float = 1.0
+    """Gradient clipping by global norm; 0 disables it."""
+    logging_steps: int = 1
+    save_strategy: str = "steps"
+    """steps (every save_steps), epoch, or no."""
+    save_steps: int = 500
+    save_total_limit: int | None = None
+    """Keep at most this many checkpoints (oldest deleted first)."""
+    seed: int = 3407
+    bf16: bool = False
+    fp16: bool = False
+    report_to: str | list[str] = "none"
+    """Accepted for compatibility; gazelle logs to the terminal and metrics.jsonl."""
+    gradient_checkpointing: bool | str = False
+    """True recomputes each layer in backward; "unsloth" also offloads layer inputs to CPU on a GPU."""
+    disable_tqdm: bool = False
+    """Hide the progress bar."""
+    dataloader_num_workers: int = 0
+    """Accepted for compatibility; batches are built in the training process."""
+
+    def __post_init__(self):
+        if not self.learning_rate > 0:
+            raise GazelleError(f"learning_rate must be > 0, got {self.learning_rate}")
+        if self.embedding_learning_rate is not None and not self.embedding_learning_rate > 0:
+            raise GazelleError(f"embedding_learning_rate must be > 0, got {self.embedding_learning_rate}")
+        for name in ("per_device_train_batch_size", "gradient_accumulation_steps", "logging_steps", "save_steps"):
+            if getattr(self, name) < 1:
+                raise GazelleError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.max_steps == 0 or (self.max_steps < 0 and not self.num_train_epochs > 0):
+            raise GazelleError("set max_steps > 0 or num_train_epochs > 0: there is nothing to train")
+        if self.lr_scheduler_type not in SCHEDULERS:
+            raise GazelleError(f"lr_scheduler_type {self.lr_scheduler_type!r} is not one of {', '.join(SCHEDULERS)}")
+        if self.optim not in OPTIMIZERS:
+            raise GazelleError(f"optim {self.optim!r} is not one of {', '.join(OPTIMIZERS)}")
+        if self.save_strategy not in ("steps", "epoch", "no"):
+            raise GazelleError(f"save_strategy {self.save_strategy!r} is not one of steps, epoch, no")
+        if self.bf16 and self.fp16:
+            raise GazelleError("bf16 and fp16 are both set; choose one")
+        if not 0 <= self.warmup_ratio < 1:
+            raise GazelleError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)

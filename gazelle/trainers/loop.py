@@ -1,0 +1,255 @@
+"""The training loop, written once: accumulation, clipping, schedule, logging, checkpoint and resume.
+
+A trainer subclass provides `batches(epoch)` (the micro-batches of one epoch, in a deterministic order)
+and `loss(batch) -> (loss_sum, target_tokens)`; this module turns that into optimizer steps whose loss
+is normalised by the target tokens of the whole step, so batch 8 x accumulation 1 and batch 1 x
+accumulation 8 take the same step.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from collections.abc import Iterator
+
+import torch
+
+from gazelle.errors import GazelleError
+from gazelle.trainers.checkpoint import list_checkpoints, load_checkpoint, prune_checkpoints, save_checkpoint
+from gazelle.trainers.config import TrainingArguments
+from gazelle.utils.logging import get_logger, progress
+
+log = get_logger(__name__)
+EMBEDDING_NAMES = ("embed_tokens", "lm_head")
+
+
+def make_optimizer(model, args: TrainingArguments) -> torch.optim.Optimizer:
+    params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    if not params:
+        raise GazelleError("the model has no trainable parameters: attach LoRA (get_peft_model) or set full_finetuning")
+    embed_lr = args.embedding_learning_rate
+    groups = []
+    for is_embedding in (False, True):
+        chosen = [p for n, p in params if (embed_lr is not None and any(e in n for e in EMBEDDING_NAMES)) == is_embedding]
+        if not chosen:
+            continue
+        decay = [p for p in chosen if p.ndim >= 2]
+        no_decay = [p for p in chosen if p.ndim < 2]  # biases and norms take no weight decay
+        lr = embed_lr if is_embedding else args.learning_rate
+        groups += [g for g in ({"params": decay, "weight_decay": args.weight_decay, "lr": lr},
+                               {"params": no_decay, "weight_decay": 0.0, "lr": lr}) if g["params"]]
+    kwargs = dict(betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_epsilon)
+    if args.optim in ("adamw_8bit", "paged_adamw_8bit"):
+        from gazelle.trainers.adamw8bit import AdamW8bit
+
+        return AdamW8bit(groups, **kwargs)
+    return torch.optim.AdamW(groups, foreach=False, **kwargs)
+
+
+def make_scheduler(optimizer, args: TrainingArguments, total_steps: int):
+    warmup = args.warmup_steps or math.ceil(args.warmup_ratio * total_steps)
+    kind = args.lr_scheduler_type
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / (warmup + 1) if kind != "constant" else 1.0
+        if kind in ("constant", "constant_with_warmup"):
+            return 1.0
+        progress_ = (step - warmup) / max(1, total_steps - warmup)
+        if kind == "linear":
+            return max(0.0, 1.0 - progress_)
+        return 0.5 * (1.0 + math.cos(math.pi * progress_))  # cosine
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+class Trainer:
+    """Subclasses set up data; `train()` runs the steps."""
+
+    def __init__(self, model, args: TrainingArguments, callbacks=None):
+        self.model = model
+        self.args = args
+        self.callbacks = list(callbacks or [])
+        self.global_step = 0
+        self.metrics: list[dict] = []
+
+    # -- what a subclass provides -------------------------------------------------------------
+    def num_batches(self) -> int:
+        """Micro-batches per epoch."""
+        raise NotImplementedError
+
+    def batches(self, epoch: int) -> Iterator[dict]:
+        raise NotImplementedError
+
+    def loss(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        raise NotImplementedError
+
+    def save_extra(self, directory: str) -> None:
+        """Files a checkpoint carries besides the training state (the adapter, say)."""
+
+    def resolved_config(self) -> dict:
+        return self.args.to_dict()
+
+    # -- the loop ----------------------------------------------------------------------------
+    def total_steps(self) -> int:
+        if self.args.max_steps > 0:
+            return self.args.max_steps
+        per_epoch = math.ceil(self.num_batches() / self.args.gradient_accumulation_steps)
+        return max(1, math.ceil(per_epoch * self.args.num_train_epochs))
+
+    def _micro_batches(self, start_epoch: int, skip: int) -> Iterator[tuple[int, int, dict]]:
+        """(epoch, index within epoch, batch) forever, starting `skip` batches into `start_epoch`."""
+        epoch = start_epoch
+        while True:
+            for index, batch in enumerate(self.batches(epoch)):
+                if index >= skip:
+                    yield epoch, index, batch
+            epoch, skip = epoch + 1, 0
+
+    def _checkpoint(self, optimizer, scheduler, position: tuple[int, int]) -> str:
+        path = os.path.join(self.args.output_dir, f"checkpoint-{self.global_step}")
+        state = {"global_step": self.global_step, "epoch": position[0], "batch_in_epoch": position[1],
+                 "config": self.resolved_config()}
+        save_checkpoint(path, self.model, optimizer, scheduler, state, extra_save=self.save_extra)
+        prune_checkpoints(self.args.output_dir, self.args.save_total_limit)
+        return path
+
+    def _resume_path(self, resume_from_checkpoint) -> str | None:
+        if not resume_from_checkpoint:
+            return None
+        if resume_from_checkpoint is True:
+            found = list_checkpoints(self.args.output_dir)
+            if not found:
+                log.info("no checkpoint in %s: starting from scratch", self.args.output_dir)
+                return None
+            return found[-1]
+        return str(resume_from_checkpoint)
+
+    def train(self, resume_from_checkpoint: bool | str | None = None) -> dict:
+        args, model = self.args, self.model
+        os.makedirs(args.output_dir, exist_ok=True)
+        with open(os.path.join(args.output_dir, "config.json"), "w") as f:
+            json.dump(self.resolved_config(), f, indent=1, default=str)
+        torch.manual_seed(args.seed)
+        total = self.total_steps()
+        optimizer = make_optimizer(model, args)
+        scheduler = make_scheduler(optimizer, args, total)
+        position = (0, 0)
+        resume = self._resume_path(resume_from_checkpoint)
+        if resume is not None:
+            state = load_checkpoint(resume, model, optimizer, scheduler)
+            self.global_step, position = state["global_step"], (state["epoch"], state["batch_in_epoch"])
+            log.info("resumed from %s at step %d", resume, self.global_step)
+        model.train()
+        model.gradient_checkpointing = bool(args.gradient_checkpointing)
+        metrics_path = os.path.join(args.output_dir, "metrics.jsonl")
+        stream = self._micro_batches(*position)
+        window = {"loss": 0.0, "tokens": 0, "steps": 0, "time": time.perf_counter()}
+        with progress(total, self.global_step, disable=args.disable_tqdm) as bar:
+            while self.global_step < total:
+                for cb in self.callbacks:
+                    getattr(cb, "on_step_begin", lambda t: None)(self)
+                micro = [next(stream) for _ in range(args.gradient_accumulation_steps)]
+                loss_sum, tokens, grad_norm = self._step(optimizer, [b for _, _, b in micro])
+                if not math.isfinite(loss_sum):
+                    path = self._checkpoint(optimizer, scheduler, (micro[0][0], micro[0][1]))
+                    raise GazelleError(
+                        f"the loss became {loss_sum} at step {self.global_step + 1}; the state before it is saved in "
+                        f"{path}; lower learning_rate or check the data"
+                    )
+                lr = scheduler.get_last_lr()[0]  # the rate this step used
+                scheduler.step()
+                self.global_step += 1
+                epoch, index, _ = micro[-1]
+                position = (epoch, index + 1)
+                window["loss"] += loss_sum
+                window["tokens"] += tokens
+                window["steps"] += 1
+                bar.advance(loss=loss_sum / max(tokens, 1))
+                if self.global_step % args.logging_steps == 0 or self.global_step == total:
+                    self._log(window, lr, grad_norm, epoch, metrics_path)
+                    window = {"loss": 0.0, "tokens": 0, "steps": 0, "time": time.perf_counter()}
+                if args.save_strategy == "steps" and self.global_step % args.save_steps == 0:
+                    self._checkpoint(optimizer, scheduler, position)
+                for cb in self.callbacks:
+                    getattr(cb, "on_step_end", lambda t: None)(self)
+        if args.save_strategy != "no":
+            self._checkpoint(optimizer, scheduler, position)
+        model.eval()
+        self._plot()
+        return self.metrics[-1] if self.metrics else {}
+
+    def _step(self, optimizer, batches: list[dict]) -> tuple[float, int, float]:
+        """One optimizer step over the micro-batches; returns (loss sum, target tokens, grad norm)."""
+        device = next(self.model.parameters()).device
+        tokens = sum(int((b["targets"] != -100).sum()) for b in batches)
+        if tokens == 0:
+            raise GazelleError("a training step has no target tokens: every label is masked (check "
+                               "train_on_responses_only's parts or the dataset)")
+        total = 0.0
+        for batch in batches:
+            batch = {k: v.to(device) for k, v in batch.items()}
+            try:
+                loss_sum, _ = self.loss(batch)
+                (loss_sum / tokens).backward()
+            except torch.OutOfMemoryError:
+                raise GazelleError(
+                    "out of GPU memory: lower per_device_train_batch_size (raise gradient_accumulation_steps to "
+                    "keep the step size), lower max_seq_length, set use_gradient_checkpointing='unsloth', or "
+                    "load_in_4bit=True"
+                ) from None
+            total += float(loss_sum.detach())
+        params = [p for g in optimizer.param_groups for p in g["params"]]
+        if self.args.max_grad_norm and self.args.max_grad_norm > 0:
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, self.args.max_grad_norm))
+        else:
+            grad_norm = float(torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params if p.grad is not None])))
+        if math.isfinite(total):
+            optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return total, tokens, grad_norm
+
+    def _log(self, window, lr, grad_norm, epoch, metrics_path) -> None:
+        elapsed = time.perf_counter() - window["time"]
+        record = {
+            "step": self.global_step,
+            "epoch": epoch,
+            "loss": window["loss"] / max(window["tokens"], 1),
+            "learning_rate": lr,
+            "grad_norm": grad_norm,
+            "tokens_per_second": window["tokens"] / max(elapsed, 1e-9),
+            "memory_gib": _memory_gib(),
+        }
+        self.metrics.append(record)
+        with open(metrics_path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        log.info("step %d  loss %.4f  lr %.2e  grad_norm %.3f  %.0f tok/s  %.2f GiB", record["step"], record["loss"],
+                 record["learning_rate"], grad_norm, record["tokens_per_second"], record["memory_gib"])
+        for cb in self.callbacks:
+            getattr(cb, "on_log", lambda t, r: None)(self, record)
+
+    def _plot(self) -> None:
+        if not self.metrics:
+            return
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(figsize=(6, 3.5))
+        ax.plot([m["step"] for m in self.metrics], [m["loss"] for m in self.metrics])
+        ax.set_xlabel("step")
+        ax.set_ylabel("training loss")
+        fig.tight_layout()
+        fig.savefig(os.path.join(self.args.output_dir, "loss.png"), dpi=100)
+        plt.close(fig)
+
+
+def _memory_gib() -> float:
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**30
+    with open("/proc/self/status") as f:
+        rss = next(line for line in f if line.startswith("VmRSS"))
+    return int(rss.split()[1]) / 2**20
