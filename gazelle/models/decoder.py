@@ -7,12 +7,15 @@ apply the lm_head through `Decoder.logits` (or chunk it inside a loss).
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from gazelle.models.config import DecoderConfig
+from gazelle.models.hf_api import HFStyleMixin
 from gazelle.models.rope import RotaryTables, apply_rotary
 
 
@@ -159,7 +162,7 @@ class DecoderBody(nn.Module):
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg.norm_offset)
 
 
-class Decoder(nn.Module):
+class Decoder(HFStyleMixin, nn.Module):
     """A decoder-only language model; `forward` gives hidden states, `logits` applies the head."""
 
     def __init__(self, cfg: DecoderConfig):
@@ -168,6 +171,8 @@ class Decoder(nn.Module):
         self.model = DecoderBody(cfg)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self.gradient_checkpointing = False
+        self.checkpoint_offload = False
+        """With gradient checkpointing, keep the saved layer inputs in CPU memory ("unsloth" mode, GPU only)."""
         self.name_or_path: str | None = None
         """Where the weights came from: recorded in saved adapters as their base model."""
         self.lora_config = None
@@ -214,13 +219,17 @@ class Decoder(nn.Module):
             w: build_mask(T, past, attention_mask, position_ids if documents else None, w, input_ids.device)
             for w in {cfg.window(i) for i in range(cfg.num_layers)}
         }
-        for i, layer in enumerate(self.model.layers):
-            cos, sin = tables[cfg.rope_for(i)]
-            mask = masks[cfg.window(i)]
-            if self.gradient_checkpointing and self.training:
-                h = checkpoint(layer, h, cos, sin, mask, cache, use_reentrant=False)
-            else:
-                h = layer(h, cos, sin, mask, cache)
+        checkpointing = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
+        offload = checkpointing and self.checkpoint_offload and h.is_cuda
+        # With checkpointing only each layer's inputs stay saved; "unsloth" mode parks them in pinned CPU memory.
+        with torch.autograd.graph.save_on_cpu(pin_memory=True) if offload else contextlib.nullcontext():
+            for i, layer in enumerate(self.model.layers):
+                cos, sin = tables[cfg.rope_for(i)]
+                mask = masks[cfg.window(i)]
+                if checkpointing:
+                    h = checkpoint(layer, h, cos, sin, mask, cache, use_reentrant=False)
+                else:
+                    h = layer(h, cos, sin, mask, cache)
         return self.model.norm(h)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:

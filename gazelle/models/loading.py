@@ -96,10 +96,17 @@ def load_model(
     dtype: torch.dtype | None = None,
     device: str | torch.device = "cpu",
     token: str | None = None,
+    load_in_4bit: bool = False,
 ) -> Decoder:
-    """A Decoder with the checkpoint's weights in `dtype` (default: default_dtype) on `device`."""
+    """A Decoder with the checkpoint's weights in `dtype` (default: default_dtype) on `device`.
+
+    load_in_4bit quantizes the linear layers of the decoder blocks to NF4 as they load (embeddings and
+    lm_head stay in `dtype`); a bitsandbytes 4-bit checkpoint loads as it is stored.
+    """
     source = resolve(name_or_path, token)
     config = load_config(source)
+    if load_in_4bit:
+        raise GazelleError("load_in_4bit is not available yet")
     device = torch.device(device)
     dtype = dtype or default_dtype(device)
     with torch.device("meta"):

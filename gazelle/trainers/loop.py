@@ -143,7 +143,8 @@ class Trainer:
             self.global_step, position = state["global_step"], (state["epoch"], state["batch_in_epoch"])
             log.info("resumed from %s at step %d", resume, self.global_step)
         model.train()
-        model.gradient_checkpointing = bool(args.gradient_checkpointing)
+        if args.gradient_checkpointing:  # otherwise keep what get_peft_model chose
+            model.gradient_checkpointing = True
         metrics_path = os.path.join(args.output_dir, "metrics.jsonl")
         stream = self._micro_batches(*position)
         window = {"loss": 0.0, "tokens": 0, "steps": 0, "time": time.perf_counter()}
