@@ -76,7 +76,8 @@ class FastLanguageModel:
         model = load_model(source.path, dtype=dtype, device=device, load_in_4bit=load_in_4bit)
         model.name_or_path = str(model_name)
         model.max_seq_length = max_seq_length
-        tokenizer = load_tokenizer(adapter_dir if adapter_dir and _has_tokenizer(adapter_dir) else source)
+        has_own = adapter_dir is not None and os.path.isfile(os.path.join(adapter_dir, "tokenizer_config.json"))
+        tokenizer = load_tokenizer(adapter_dir if has_own else source)
         tokenizer.model_max_length = max_seq_length
         if adapter_dir is not None:
             load_adapter(model, adapter_dir)
@@ -136,7 +137,3 @@ class FastLanguageModel:
         model.train()
         model.gradient_checkpointing = bool(use_gradient_checkpointing)
         return model
-
-
-def _has_tokenizer(directory: str) -> bool:
-    return any(os.path.isfile(os.path.join(directory, f)) for f in ("tokenizer.json", "tokenizer_config.json"))

@@ -9,17 +9,14 @@ from torch import nn
 
 from gazelle.errors import GazelleError
 from gazelle.lora.layers import LoraConfig, LoraEmbedding, LoraLinear
+from gazelle.quant.linear4bit import Linear4bit
 
 LORA_MODULES = (LoraLinear, LoraEmbedding)
 LAYER_INDEX = re.compile(r"(?:^|\.)layers\.(\d+)\.")
 
 
 def linear_types() -> tuple[type, ...]:
-    """nn.Linear, and the 4-bit linear when the quant package is there (imported lazily: it is optional)."""
-    try:
-        from gazelle.quant.linear4bit import Linear4bit
-    except ImportError:
-        return (nn.Linear,)
+    """The layers LoRA can wrap: plain and NF4 linear layers."""
     return (nn.Linear, Linear4bit)
 
 

@@ -10,7 +10,7 @@ import json
 import os
 import re
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -105,8 +105,6 @@ def load_model(
     """
     source = resolve(name_or_path, token)
     config = load_config(source)
-    if load_in_4bit:
-        raise GazelleError("load_in_4bit is not available yet")
     device = torch.device(device)
     dtype = dtype or default_dtype(device)
     with torch.device("meta"):
@@ -115,9 +113,17 @@ def load_model(
         from gazelle.models.gguf_file import iter_gguf_tensors
 
         tensors = iter_gguf_tensors(source.path, config.hf_config, dtype, device)
+        prequantized: set[str] = set()
     else:
-        tensors = (item for shard in shard_files(source.path) for item in iter_safetensors(shard, dtype, device))
-    assign_tensors(model, tensors, source.path)
+        shards = shard_files(source.path)
+        prequantized = prequantized_modules(shards)
+        # bitsandbytes' packed codes and float32 block statistics must reach the 4-bit layer as stored.
+        tensors = (item for shard in shards
+                   for item in iter_safetensors(shard, dtype, device, keep_dtype=lambda n: ".weight." in n))
+    plan = FourBitPlan(quantize=load_in_4bit, prequantized=prequantized, compute_dtype=dtype,
+                       skip=tuple(config.hf_config.get("quantization_config", {}).get("llm_int8_skip_modules") or ())
+                       + ("lm_head",))
+    assign_tensors(model, tensors, source.path, plan)
     model.name_or_path = os.fspath(name_or_path)
     return model.eval()
 
@@ -145,15 +151,81 @@ def shard_files(folder: str) -> list[str]:
     )
 
 
-def assign_tensors(model: Decoder, tensors: Iterator[tuple[str, torch.Tensor]], source: str) -> None:
+def prequantized_modules(shards: list[str]) -> set[str]:
+    """Names of the layers a bitsandbytes 4-bit checkpoint stores quantized (read from the headers only)."""
+    from gazelle.models.safetensors_io import read_header
+
+    marker = ".weight.quant_state.bitsandbytes__"
+    return {name.partition(marker)[0] for shard in shards for name in read_header(shard)[0] if marker in name}
+
+
+@dataclass
+class FourBitPlan:
+    """How linear layers become NF4 while loading."""
+
+    quantize: bool = False
+    """Quantize 16/32-bit linear weights of the decoder blocks as they arrive (QLoRA)."""
+    prequantized: set = field(default_factory=set)
+    """Layers the checkpoint already stores in bitsandbytes' NF4 layout."""
+    compute_dtype: torch.dtype = torch.bfloat16
+    skip: tuple[str, ...] = ("lm_head",)
+
+    def owner(self, name: str) -> str | None:
+        """The pre-quantized layer a tensor name belongs to (its weight, statistics or bias), if any."""
+        layer = name.rsplit(".weight", 1)[0] if ".weight" in name else name.rpartition(".")[0]
+        return layer if layer in self.prequantized else None
+
+
+def _replace(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent, _, leaf = name.rpartition(".")
+    setattr(model.get_submodule(parent), leaf, module)
+
+
+def _finish_prequantized(model: Decoder, pending: dict[str, dict], plan: FourBitPlan) -> None:
+    from gazelle.quant.linear4bit import Linear4bit
+
+    for layer, state in pending.items():
+        shell = model.get_submodule(layer)
+        bias = state.pop("bias", None)
+        quantized = Linear4bit.from_state(state, shell.in_features, shell.out_features, bias, plan.compute_dtype,
+                                          prefix=layer + ".")
+        if plan.quantize:
+            _replace(model, layer, quantized)
+        else:  # a 4-bit checkpoint asked for in 16-bit: dequantize it once
+            linear = nn.Linear(shell.in_features, shell.out_features, bias=bias is not None, device="meta")
+            linear.weight = nn.Parameter(quantized.dequantized_weight().to(plan.compute_dtype))
+            if bias is not None:
+                linear.bias = nn.Parameter(bias)
+            _replace(model, layer, linear)
+
+
+def _quantize_when_complete(model: Decoder, name: str, plan: FourBitPlan) -> None:
+    """Once a decoder-block linear layer has all its tensors, swap it for its NF4 form (frees the 16-bit one)."""
+    from gazelle.quant.linear4bit import Linear4bit
+
+    layer = name.rpartition(".")[0]
+    module = model.get_submodule(layer)
+    if (not isinstance(module, nn.Linear) or ".layers." not in f".{layer}" or any(s in layer for s in plan.skip)
+            or any(p.is_meta for p in module.parameters())):
+        return
+    _replace(model, layer, Linear4bit.from_linear(module, plan.compute_dtype))
+
+
+def assign_tensors(model: Decoder, tensors: Iterator[tuple[str, torch.Tensor]], source: str,
+                   plan: FourBitPlan | None = None) -> None:
     """Put each (HF name, tensor) into the meta-built model, checking names and shapes; then tie."""
+    plan = plan or FourBitPlan()
     expected = dict(model.named_parameters())
     tied = model.config.tie_word_embeddings
+    pending: dict[str, dict] = {}
     for name, tensor in tensors:
         for old, new in PREFIXES:
             if name.startswith(old):
                 name = new + name[len(old):]
         if IGNORED.search(name) or (tied and name == "lm_head.weight"):
+            continue
+        if (layer := plan.owner(name)) is not None:
+            pending.setdefault(layer, {})[name[len(layer) + 1:]] = tensor
             continue
         if name not in expected:
             raise GazelleError(
@@ -167,7 +239,9 @@ def assign_tensors(model: Decoder, tensors: Iterator[tuple[str, torch.Tensor]], 
             )
         module_name, _, leaf = name.rpartition(".")
         setattr(model.get_submodule(module_name), leaf, nn.Parameter(tensor))
-        expected[name] = model.get_parameter(name)
+        if plan.quantize:
+            _quantize_when_complete(model, name, plan)
+    _finish_prequantized(model, pending, plan)
     model.tie_weights()
     missing = [n for n, p in model.named_parameters() if p.is_meta]
     if missing:
@@ -179,7 +253,12 @@ def load_tokenizer(name_or_path: str | os.PathLike | ModelSource, token: str | N
     """The model's tokenizer through transformers, chat template kept, a pad token always set."""
     from transformers import AutoTokenizer
 
-    source = name_or_path if isinstance(name_or_path, ModelSource) else resolve(name_or_path, token)
+    if isinstance(name_or_path, ModelSource):
+        source = name_or_path
+    elif os.path.isfile(os.path.join(os.fspath(name_or_path), "tokenizer_config.json")):
+        source = ModelSource(os.fspath(name_or_path), is_gguf=False)  # tokenizer files alone (an adapter folder)
+    else:
+        source = resolve(name_or_path, token)
     if source.is_gguf:
         from gazelle.models.gguf_file import gguf_chat_template
 

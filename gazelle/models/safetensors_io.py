@@ -12,7 +12,7 @@ import json
 import math
 import os
 import struct
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 
@@ -60,8 +60,10 @@ def read_header(path: str) -> tuple[dict[str, dict], int]:
     return header, data_start
 
 
-def iter_safetensors(path: str, dtype: torch.dtype, device: torch.device | str = "cpu") -> Iterator[tuple[str, torch.Tensor]]:
-    """Yield (name, tensor) in file order; floating tensors converted to `dtype`, all moved to `device`."""
+def iter_safetensors(path: str, dtype: torch.dtype, device: torch.device | str = "cpu",
+                     keep_dtype: Callable[[str], bool] | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield (name, tensor) in file order; floating tensors converted to `dtype` (unless keep_dtype(name)),
+    all moved to `device`."""
     header, data_start = read_header(path)
     device = torch.device(device)
     with open(path, "rb") as f:
@@ -71,5 +73,6 @@ def iter_safetensors(path: str, dtype: torch.dtype, device: torch.device | str =
             f.seek(data_start + info["data_offsets"][0])
             if f.readinto(memoryview(tensor.view(-1).view(torch.uint8).numpy())) != tensor.nbytes:
                 raise GazelleError(f"{path} ends inside tensor {name}: the file is truncated")
-            target = dtype if stored.is_floating_point else stored
+            keep = not stored.is_floating_point or (keep_dtype is not None and keep_dtype(name))
+            target = stored if keep else dtype
             yield name, tensor.to(device=device, dtype=target)

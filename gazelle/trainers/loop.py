@@ -13,6 +13,7 @@ import math
 import os
 import time
 from collections.abc import Iterator
+from typing import NamedTuple
 
 import torch
 
@@ -22,6 +23,16 @@ from gazelle.trainers.config import TrainingArguments
 from gazelle.utils.logging import get_logger, progress
 
 log = get_logger(__name__)
+
+
+class TrainOutput(NamedTuple):
+    """What train() returns, shaped like transformers' TrainOutput."""
+
+    global_step: int
+    training_loss: float
+    metrics: dict
+
+
 EMBEDDING_NAMES = ("embed_tokens", "lm_head")
 
 
@@ -127,8 +138,9 @@ class Trainer:
             return found[-1]
         return str(resume_from_checkpoint)
 
-    def train(self, resume_from_checkpoint: bool | str | None = None) -> dict:
+    def train(self, resume_from_checkpoint: bool | str | None = None) -> TrainOutput:
         args, model = self.args, self.model
+        started = time.perf_counter()
         os.makedirs(args.output_dir, exist_ok=True)
         with open(os.path.join(args.output_dir, "config.json"), "w") as f:
             json.dump(self.resolved_config(), f, indent=1, default=str)
@@ -180,7 +192,11 @@ class Trainer:
             self._checkpoint(optimizer, scheduler, position)
         model.eval()
         self._plot()
-        return self.metrics[-1] if self.metrics else {}
+        runtime = time.perf_counter() - started
+        mean_loss = sum(m["loss"] for m in self.metrics) / max(len(self.metrics), 1)
+        metrics = {"train_runtime": runtime, "train_steps_per_second": self.global_step / runtime,
+                   "train_loss": mean_loss, **(self.metrics[-1] if self.metrics else {})}
+        return TrainOutput(self.global_step, mean_loss, metrics)
 
     def _step(self, optimizer, batches: list[dict]) -> tuple[float, int, float]:
         """One optimizer step over the micro-batches; returns (loss sum, target tokens, grad norm)."""
