@@ -23,6 +23,13 @@ def full_model(family="llama", dtype=torch.float32):
     return model
 
 
+def lora_model(family="llama", dtype=torch.float32):
+    from gazelle import FastLanguageModel
+
+    model = gazelle_model(family).to(dtype)
+    return FastLanguageModel.get_peft_model(model, r=4, lora_alpha=8, use_gradient_checkpointing=True)
+
+
 def config(tmp_path, **overrides):
     fields = dict(output_dir=str(tmp_path), max_steps=3, learning_rate=1e-3, save_strategy="no", seed=1,
                   disable_tqdm=True)
@@ -48,6 +55,25 @@ def test_batch_4_equals_batch_1_times_accumulation_4(tmp_path):
     assert (params_a["model.layers.0.mlp.up_proj.weight"] - initial).abs().max() > 1e-4, "nothing trained"
 
 
+def test_lora_batch_4_equals_batch_1_times_accumulation_4(tmp_path):
+    """The adapter after 3 steps, in fp32, with gradient checkpointing on: within 1e-5."""
+    rows, tok = text_rows(12, seed=4), word_tokenizer()
+    adapters, losses = [], []
+    for batch, accumulation in ((4, 1), (1, 4)):
+        model = lora_model()
+        trainer = SFTTrainer(model, tok, rows, config(tmp_path / f"b{batch}", per_device_train_batch_size=batch,
+                                                      gradient_accumulation_steps=accumulation, learning_rate=1e-2))
+        trainer.train()
+        adapters.append({n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad})
+        losses.append([m["loss"] for m in trainer.metrics])
+    assert losses[0] == pytest.approx(losses[1], rel=1e-5, abs=0)
+    assert adapters[0].keys() == adapters[1].keys() and len(adapters[0]) == 2 * 7 * 3
+    for name, value in adapters[0].items():
+        diff = (value - adapters[1][name]).abs().max().item()
+        assert diff <= 1e-5, f"{name} differs by {diff:.2e}"
+    assert any(v.abs().max() > 0 for n, v in adapters[0].items() if "lora_B" in n), "lora_B never moved"
+
+
 def test_packed_and_padded_batches_give_the_same_loss(tmp_path):
     rows, tok = text_rows(10, seed=3), word_tokenizer()
     losses = []
@@ -67,7 +93,7 @@ KILLED_RUN = textwrap.dedent("""
     import os, signal, sys
     sys.path.insert(0, {root!r})
     from gazelle.trainers.sft import SFTConfig, SFTTrainer
-    from tests.trainers.test_sft import full_model, text_rows, word_tokenizer
+    from tests.trainers.test_sft import lora_model, text_rows, word_tokenizer
 
     class KillDuringStep:
         def on_step_begin(self, trainer):
@@ -75,9 +101,9 @@ KILLED_RUN = textwrap.dedent("""
                 os.kill(os.getpid(), signal.SIGKILL)
 
     callbacks = [KillDuringStep()] if {kill} else []
-    args = SFTConfig(output_dir=sys.argv[1], max_steps=10, save_steps=2, learning_rate=1e-3, seed=5,
+    args = SFTConfig(output_dir=sys.argv[1], max_steps=10, save_steps=2, learning_rate=1e-2, seed=5,
                      per_device_train_batch_size=2, disable_tqdm=True)
-    trainer = SFTTrainer(full_model(), word_tokenizer(), text_rows(14, seed=9), args, callbacks=callbacks)
+    trainer = SFTTrainer(lora_model(), word_tokenizer(), text_rows(14, seed=9), args, callbacks=callbacks)
     trainer.train(resume_from_checkpoint=True)
 """)
 
@@ -97,8 +123,9 @@ def test_resume_after_sigkill_equals_uninterrupted_run(tmp_path):
     resumed = run_training(tmp_path / "killed", kill=False)
     assert resumed.returncode == 0, resumed.stderr
     assert "resumed from" in resumed.stderr and "checkpoint-6" in resumed.stderr
-    final_a = load_file(tmp_path / "straight" / "checkpoint-10" / "trainable.safetensors")
-    final_b = load_file(tmp_path / "killed" / "checkpoint-10" / "trainable.safetensors")
+    final_a = load_file(tmp_path / "straight" / "checkpoint-10" / "adapter_model.safetensors")
+    final_b = load_file(tmp_path / "killed" / "checkpoint-10" / "adapter_model.safetensors")
+    assert len(final_a) == 2 * 7 * 3  # lora_A and lora_B of 7 targets in 3 layers
     assert final_a.keys() == final_b.keys()
     for name in final_a:
         assert torch.equal(final_a[name], final_b[name]), f"{name} differs after resume"
@@ -131,3 +158,24 @@ def test_checkpoint_of_another_model_is_refused(tmp_path):
     other = SFTTrainer(full_model("qwen3"), tok, rows, config(tmp_path, max_steps=2))
     with pytest.raises(GazelleError, match="saved from another model"):
         other.train(resume_from_checkpoint=True)
+
+
+def test_qlora_trains_adapters_over_nf4_layers(tmp_path):
+    from gazelle import FastLanguageModel
+    from gazelle.quant.linear4bit import Linear4bit
+    from tests.tiny import tiny_hf_model
+
+    tiny_hf_model("qwen2").save_pretrained(tmp_path / "base")
+    model, _ = FastLanguageModel.from_pretrained(str(tmp_path / "base"), load_in_4bit=True, device_map="cpu")
+    model = FastLanguageModel.get_peft_model(model, r=4, lora_alpha=8)
+    bases = [m.base_layer for n, m in model.named_modules() if n.endswith("q_proj")]
+    assert bases and all(isinstance(b, Linear4bit) for b in bases)
+    packed = bases[0].weight.clone()
+    before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    trainer = SFTTrainer(model, word_tokenizer(), text_rows(8), config(tmp_path / "out", max_steps=2,
+                                                                         learning_rate=1e-2))
+    trainer.train()
+    after = {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
+    assert all(n.rsplit(".", 2)[-2].startswith("lora_") for n in after)
+    assert any(not torch.equal(before[n], after[n]) for n in after)
+    assert torch.equal(bases[0].weight, packed), "the 4-bit base must stay frozen"
