@@ -15,7 +15,7 @@ DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfl
 def add_model_argument(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--model", "-m", dest="model", default=None,
-        help="a model folder, a .gguf file or a hub id (default: the embedded SmolLM2-135M-Instruct)",
+        help="a model folder, a .gguf file, a hub id or a LoRA adapter folder (default: the embedded SmolLM2)",
     )
 
 

@@ -11,7 +11,7 @@ from gazelle.errors import GazelleError
 from gazelle.generation.reference import generate
 from gazelle.generation.sampling import SamplingParams
 from gazelle.generation.streamer import TextStreamer
-from gazelle.models.loading import load
+from gazelle.fast import FastLanguageModel
 
 HELP = "generate text from a prompt, streamed to the terminal"
 
@@ -52,7 +52,8 @@ def run(args: argparse.Namespace) -> None:
         raise GazelleError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
     source = model_path(args.model)
     device = pick_device(args.device)
-    model, tokenizer = load(source, dtype=pick_dtype(args.dtype), device=device)
+    # FastLanguageModel also takes a saved LoRA adapter folder (its base model comes from adapter_config.json).
+    model, tokenizer = FastLanguageModel.from_pretrained(source, dtype=pick_dtype(args.dtype), device_map=str(device))
     prompt_ids = encode_prompt(tokenizer, args.prompt, args.chat, args.system, source)
     if not prompt_ids:
         raise GazelleError(f"--prompt {args.prompt!r} encodes to no tokens with the tokenizer of {source}")

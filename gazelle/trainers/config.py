@@ -42,6 +42,10 @@ class TrainingArguments:
     max_grad_norm: float = 1.0
     """Gradient clipping by global norm; 0 disables it."""
     logging_steps: int = 1
+    eval_strategy: str = "no"
+    """no, steps (every eval_steps) or epoch-free "end": when to compute the eval_dataset loss."""
+    eval_steps: int | None = None
+    """Steps between evaluations with eval_strategy=steps (default: logging_steps)."""
     save_strategy: str = "steps"
     """steps (every save_steps), epoch, or no."""
     save_steps: int = 500
@@ -73,6 +77,8 @@ class TrainingArguments:
             raise GazelleError(f"lr_scheduler_type {self.lr_scheduler_type!r} is not one of {', '.join(SCHEDULERS)}")
         if self.optim not in OPTIMIZERS:
             raise GazelleError(f"optim {self.optim!r} is not one of {', '.join(OPTIMIZERS)}")
+        if self.eval_strategy not in ("no", "steps", "end"):
+            raise GazelleError(f"eval_strategy {self.eval_strategy!r} is not one of no, steps, end")
         if self.save_strategy not in ("steps", "epoch", "no"):
             raise GazelleError(f"save_strategy {self.save_strategy!r} is not one of steps, epoch, no")
         if self.bf16 and self.fp16:

@@ -85,6 +85,7 @@ class Trainer:
         self.callbacks = list(callbacks or [])
         self.global_step = 0
         self.metrics: list[dict] = []
+        self.eval_metrics: list[dict] = []
 
     # -- what a subclass provides -------------------------------------------------------------
     def num_batches(self) -> int:
@@ -96,6 +97,10 @@ class Trainer:
 
     def loss(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
         raise NotImplementedError
+
+    def evaluate(self) -> dict:
+        """Metrics on held-out data ({} when there is none)."""
+        return {}
 
     def save_extra(self, directory: str) -> None:
         """Files a checkpoint carries besides the training state (the adapter, say)."""
@@ -159,13 +164,14 @@ class Trainer:
             model.gradient_checkpointing = True
         metrics_path = os.path.join(args.output_dir, "metrics.jsonl")
         stream = self._micro_batches(*position)
-        window = {"loss": 0.0, "tokens": 0, "steps": 0, "time": time.perf_counter()}
+        window = {"loss": 0.0, "tokens": 0, "seen": 0, "steps": 0, "time": time.perf_counter()}
         with progress(total, self.global_step, disable=args.disable_tqdm) as bar:
             while self.global_step < total:
                 for cb in self.callbacks:
                     getattr(cb, "on_step_begin", lambda t: None)(self)
                 micro = [next(stream) for _ in range(args.gradient_accumulation_steps)]
                 loss_sum, tokens, grad_norm = self._step(optimizer, [b for _, _, b in micro])
+                seen = sum(int(b["attention_mask"].sum()) for _, _, b in micro)
                 if not math.isfinite(loss_sum):
                     path = self._checkpoint(optimizer, scheduler, (micro[0][0], micro[0][1]))
                     raise GazelleError(
@@ -179,17 +185,22 @@ class Trainer:
                 position = (epoch, index + 1)
                 window["loss"] += loss_sum
                 window["tokens"] += tokens
+                window["seen"] += seen
                 window["steps"] += 1
                 bar.advance(loss=loss_sum / max(tokens, 1))
                 if self.global_step % args.logging_steps == 0 or self.global_step == total:
                     self._log(window, lr, grad_norm, epoch, metrics_path)
-                    window = {"loss": 0.0, "tokens": 0, "steps": 0, "time": time.perf_counter()}
+                    window = {"loss": 0.0, "tokens": 0, "seen": 0, "steps": 0, "time": time.perf_counter()}
+                if args.eval_strategy == "steps" and self.global_step % (args.eval_steps or args.logging_steps) == 0:
+                    self._log_eval(metrics_path)
                 if args.save_strategy == "steps" and self.global_step % args.save_steps == 0:
                     self._checkpoint(optimizer, scheduler, position)
                 for cb in self.callbacks:
                     getattr(cb, "on_step_end", lambda t: None)(self)
         if args.save_strategy != "no":
             self._checkpoint(optimizer, scheduler, position)
+        if args.eval_strategy == "end":
+            self._log_eval(metrics_path)
         model.eval()
         self._plot()
         runtime = time.perf_counter() - started
@@ -236,7 +247,7 @@ class Trainer:
             "loss": window["loss"] / max(window["tokens"], 1),
             "learning_rate": lr,
             "grad_norm": grad_norm,
-            "tokens_per_second": window["tokens"] / max(elapsed, 1e-9),
+            "tokens_per_second": window["seen"] / max(elapsed, 1e-9),  # all tokens processed, not only targets
             "memory_gib": _memory_gib(),
         }
         self.metrics.append(record)
@@ -246,6 +257,16 @@ class Trainer:
                  record["learning_rate"], grad_norm, record["tokens_per_second"], record["memory_gib"])
         for cb in self.callbacks:
             getattr(cb, "on_log", lambda t, r: None)(self, record)
+
+    def _log_eval(self, metrics_path: str) -> None:
+        record = {"step": self.global_step, **self.evaluate()}
+        if len(record) == 1:
+            return
+        self.model.train()
+        with open(metrics_path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        log.info("step %d  %s", self.global_step, "  ".join(f"{k} {v:.4f}" for k, v in record.items() if k != "step"))
+        self.eval_metrics.append(record)
 
     def _plot(self) -> None:
         if not self.metrics:

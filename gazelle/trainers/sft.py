@@ -94,7 +94,7 @@ class SFTTrainer(Trainer):
             log.info("data_collator is ignored: gazelle pads and packs batches itself")
         self.formatting_func = formatting_func
         self.train_rows = _rows(train_dataset)
-        self.eval_dataset = eval_dataset
+        self.eval_rows = _rows(eval_dataset) if eval_dataset is not None else None
         self.max_seq_length = args.max_seq_length or getattr(model, "max_seq_length", None) or 2048
         self.label_transforms: list[Callable[[list[int]], list[int]]] = []
         self._examples: list[dict] | None = None
@@ -138,12 +138,17 @@ class SFTTrainer(Trainer):
         return text or ""
 
     def examples(self) -> list[dict]:
-        """Tokenized rows with labels, over-long and empty rows handled as configured (cached)."""
-        if self._examples is not None:
-            return self._examples
+        """Tokenized training rows with labels, packed when configured (cached)."""
+        if self._examples is None:
+            examples = self.tokenize(self.train_rows)
+            self._examples = pack_examples(examples, self.max_seq_length) if self.args.packing else examples
+        return self._examples
+
+    def tokenize(self, rows: list[dict]) -> list[dict]:
+        """Rows -> {"input_ids", "labels"}, over-long and empty rows handled as configured."""
         tok, limit = self.tokenizer, self.max_seq_length
         examples, truncated, skipped_long, empty = [], 0, 0, 0
-        for index, row in enumerate(self.train_rows):
+        for index, row in enumerate(rows):
             text = self._text(row, index)
             bos = tok.bos_token
             ids = tok(text, add_special_tokens=not (bos and text.startswith(bos)))["input_ids"]
@@ -169,8 +174,7 @@ class SFTTrainer(Trainer):
             raise GazelleError("no trainable rows remain after tokenization (all empty or skipped)")
         if all(all(label == IGNORE_INDEX for label in e["labels"]) for e in examples):
             raise GazelleError("every label is masked: check train_on_responses_only's instruction/response parts")
-        self._examples = pack_examples(examples, limit) if self.args.packing else examples
-        return self._examples
+        return examples
 
     def num_batches(self) -> int:
         return math.ceil(len(self.examples()) / self.args.per_device_train_batch_size)
@@ -183,6 +187,22 @@ class SFTTrainer(Trainer):
         for start in range(0, len(examples), size):
             chosen = [examples[i] for i in order[start : start + size].tolist()]
             yield packed_batch(chosen, pad) if self.args.packing else pad_batch(chosen, pad)
+
+    @torch.no_grad()
+    def evaluate(self) -> dict:
+        """Token-mean loss over eval_dataset, tokenized like the training rows."""
+        if self.eval_rows is None:
+            return {}
+        self.model.eval()
+        device = next(self.model.parameters()).device
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        examples, total, tokens = self.tokenize(self.eval_rows), 0.0, 0
+        size = self.args.per_device_train_batch_size
+        for start in range(0, len(examples), size):
+            batch = {k: v.to(device) for k, v in pad_batch(examples[start : start + size], pad).items()}
+            loss_sum, count = self.loss(batch)
+            total, tokens = total + float(loss_sum), tokens + int(count)
+        return {"eval_loss": total / max(tokens, 1)}
 
     # -- loss ---------------------------------------------------------------------------------
     def loss(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:

@@ -179,3 +179,25 @@ def test_qlora_trains_adapters_over_nf4_layers(tmp_path):
     assert all(n.rsplit(".", 2)[-2].startswith("lora_") for n in after)
     assert any(not torch.equal(before[n], after[n]) for n in after)
     assert torch.equal(bases[0].weight, packed), "the 4-bit base must stay frozen"
+
+
+def test_eval_dataset_loss_is_logged(tmp_path):
+    import json
+
+    model, rows = lora_model(), text_rows(8)
+    trainer = SFTTrainer(model, word_tokenizer(), rows, config(tmp_path, max_steps=4, eval_strategy="steps",
+                                                               eval_steps=2, learning_rate=1e-2), eval_dataset=rows[:4])
+    trainer.train()
+    assert [m["step"] for m in trainer.eval_metrics] == [2, 4]
+    assert trainer.eval_metrics[1]["eval_loss"] < trainer.eval_metrics[0]["eval_loss"]  # it trains on those rows
+    logged = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert sum("eval_loss" in r for r in logged) == 2
+    # evaluate() equals a plain full-logits cross-entropy over the same rows, one row at a time.
+    tok, losses, tokens = word_tokenizer(), 0.0, 0
+    with torch.no_grad():
+        for row in rows[:4]:
+            ids = torch.tensor([tok(row["text"])["input_ids"]])
+            logits = model.logits(model(ids))[0, :-1]
+            losses += torch.nn.functional.cross_entropy(logits, ids[0, 1:], reduction="sum").item()
+            tokens += ids.shape[1] - 1
+    assert trainer.evaluate()["eval_loss"] == pytest.approx(losses / tokens, rel=1e-5)
