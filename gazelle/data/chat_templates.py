@@ -7,7 +7,6 @@ messages through `message['role']` / `message['content']` with roles system, use
 
 from __future__ import annotations
 
-import logging
 import random
 import re
 from collections.abc import Mapping, Sequence
@@ -15,8 +14,9 @@ from typing import Any
 
 from gazelle.data.formats import require_columns, rows
 from gazelle.errors import GazelleError
+from gazelle.utils.logging import get_logger
 
-log = logging.getLogger(__name__)
+log = get_logger(__name__)
 
 DEFAULT_MAPPING = {"role": "role", "content": "content", "user": "user", "assistant": "assistant"}
 IGNORE_INDEX = -100

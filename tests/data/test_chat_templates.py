@@ -1,5 +1,4 @@
 import copy
-import logging
 
 import datasets
 import pytest
@@ -351,14 +350,13 @@ def test_response_only_labels_on_smollm2_chat(smol):
     assert kept == "4.<|im_end|>\n It is 6.<|im_end|>\n"
 
 
-def test_train_on_responses_only_on_a_dataset(smol, caplog):
+def test_train_on_responses_only_on_a_dataset(smol, capfd):
     ids, expected = smol_turns(smol)
     no_answer = smol.encode("<|im_start|>user\nhi<|im_end|>\n", add_special_tokens=False)
     ds = datasets.Dataset.from_dict({"input_ids": [ids, no_answer]})
-    with caplog.at_level(logging.WARNING):
-        out = train_on_responses_only(ds, "<|im_start|>user\n", "<|im_start|>assistant\n", tokenizer=smol)
+    out = train_on_responses_only(ds, "<|im_start|>user\n", "<|im_start|>assistant\n", tokenizer=smol)
     assert out["labels"] == [expected, [-100] * len(no_answer)]
-    assert "1 of 2 rows contain no response_part" in caplog.text
+    assert "1 of 2 rows contain no response_part" in capfd.readouterr().err
     rows = train_on_responses_only([{"input_ids": ids}], "<|im_start|>user\n", "<|im_start|>assistant\n", tokenizer=smol)
     assert rows == [{"input_ids": ids, "labels": expected}]
     with pytest.raises(GazelleError, match="occurs in none of the 1 rows"):
