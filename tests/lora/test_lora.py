@@ -154,7 +154,7 @@ def test_merge_equals_unmerged(family, targets):
         before = gazelle_logits(model, ids, mask)
         merge_lora(model)
         after = gazelle_logits(model, ids, mask)
-    torch.testing.assert_close(after, before, atol=1e-5, rtol=0)
+    torch.testing.assert_close(after, before, atol=1e-4, rtol=0)  # fp32 parity tolerance of DESIGN.md; summation order differs
     assert not lora_modules(model)
     assert all(type(m) is nn.Linear for n, m in model.named_modules() if n.endswith(("proj", "lm_head")))
     if family == "gemma2":
