@@ -22,3 +22,34 @@ class DynamicKVCache:
             v = torch.cat([self.values[layer], v], dim=2)
         self.keys[layer], self.values[layer] = k, v
         return k, v
+
+
+class StaticKVCache:
+    """Preallocated keys and values, (rows, kv_heads, max_len, D) per layer, written in place.
+
+    Rows 0..B-1 are the sequences of the current forward; `slots` (B, T), set by the caller before each
+    forward, says where each new token's key and value go. Shapes never change, so a decode step over
+    it can be captured in a CUDA graph.
+    """
+
+    def __init__(self, num_layers: int, rows: int, kv_heads: int, max_len: int, head_dim: int,
+                 dtype: torch.dtype, device: torch.device):
+        shape = (rows, kv_heads, max_len, head_dim)
+        self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.rows, self.max_len = rows, max_len
+        self.slots: torch.Tensor | None = None
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        B, T = self.slots.shape
+        rows = torch.arange(B, device=k.device)[:, None].expand(B, T)
+        keys, values = self.keys[layer][:B], self.values[layer][:B]
+        keys[rows, :, self.slots] = k.transpose(1, 2)  # (B, T, kv_heads, D) into their slots
+        values[rows, :, self.slots] = v.transpose(1, 2)
+        return keys, values
+
+    def reorder(self, index: torch.Tensor) -> None:
+        """Row i becomes old row index[i] (for i < len(index)): compaction and n-fold expansion."""
+        n = index.shape[0]
+        for cache in (*self.keys, *self.values):
+            cache[:n] = cache.index_select(0, index)

@@ -211,14 +211,20 @@ class Decoder(HFStyleMixin, nn.Module):
                 position_ids = torch.arange(past, past + T, device=input_ids.device).expand(B, T)
             else:
                 position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -T:]
-        h = self.model.embed_tokens(input_ids)
-        if cfg.embed_scale != 1.0:
-            h = h * torch.tensor(cfg.embed_scale, dtype=h.dtype)
-        tables = {rope: table(position_ids, h.dtype) for rope, table in self._rotary.items()}
         masks = {
             w: build_mask(T, past, attention_mask, position_ids if documents else None, w, input_ids.device)
             for w in {cfg.window(i) for i in range(cfg.num_layers)}
         }
+        return self.run_layers(input_ids, position_ids, masks, cache)
+
+    def run_layers(self, input_ids: torch.Tensor, position_ids: torch.Tensor, masks: dict, cache=None) -> torch.Tensor:
+        """Hidden states given positions (B, T) and, per sliding window (None = global), the attention mask
+        (B, 1, T, S) bool or None for plain causal; the generation engine supplies its own masks here."""
+        cfg = self.config
+        h = self.model.embed_tokens(input_ids)
+        if cfg.embed_scale != 1.0:
+            h = h * torch.tensor(cfg.embed_scale, dtype=h.dtype)
+        tables = {rope: table(position_ids, h.dtype) for rope, table in self._rotary.items()}
         checkpointing = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
         offload = checkpointing and self.checkpoint_offload and h.is_cuda
         # With checkpointing only each layer's inputs stay saved; "unsloth" mode parks them in pinned CPU memory.

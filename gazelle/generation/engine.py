@@ -1,0 +1,247 @@
+"""The generation engine: batched sampling over a static KV cache, decode steps replayed from CUDA graphs.
+
+It speaks token ids and knows nothing of tokenizers. It runs on the model being trained (no second copy
+of the weights): LoRA adapters apply unmerged, and because optimizers update parameters in place, a
+captured graph reads the new adapter values on its next replay without being captured again.
+
+A call: the distinct prompts are prefilled once (in chunks), their cache rows copied for the n samples
+of each, then one token per step for every live sequence. Every `sync_every` steps the host looks at
+which sequences finished (the only host synchronisation of the loop) and compacts the live ones into
+the smallest captured batch size, so a long tail does not hold the whole batch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+
+from gazelle.generation.kv_cache import StaticKVCache
+from gazelle.generation.sampling import SamplingParams, mark_seen, sample
+
+BUCKETS = (1, 2, 4, 8, 16, 32, 48, 64, 96, 128, 192, 256, 384, 512)
+
+
+def bucket(n: int) -> int:
+    return next((b for b in BUCKETS if b >= n), n)
+
+
+class Engine:
+    def __init__(self, model, prefill_chunk: int = 1024, sync_every: int = 16, cuda_graphs: bool | None = None):
+        self.model = model
+        self.config = model.config
+        self.prefill_chunk = prefill_chunk
+        self.sync_every = sync_every
+        self.device = next(model.parameters()).device
+        self.dtype = model.model.embed_tokens.weight.dtype
+        self.cuda_graphs = self.device.type == "cuda" if cuda_graphs is None else cuda_graphs
+        self.cache: StaticKVCache | None = None
+        self._graphs: dict = {}
+
+    # -- memory ------------------------------------------------------------------------------
+    def _ensure_cache(self, rows: int, max_len: int) -> None:
+        cache = self.cache
+        if cache is not None and cache.rows >= rows and cache.max_len >= max_len:
+            return
+        cfg = self.config
+        self.cache, self._graphs = None, {}  # graphs hold pointers into the old cache
+        rows = max(rows, cache.rows if cache else 0)
+        max_len = max(max_len, cache.max_len if cache else 0)
+        self.cache = StaticKVCache(cfg.num_layers, rows, cfg.num_kv_heads, max_len, cfg.head_dim, self.dtype,
+                                   self.device)
+        self._tokens = torch.zeros(rows, 1, dtype=torch.long, device=self.device)
+        self._lengths = torch.zeros(rows, dtype=torch.long, device=self.device)
+        self._seen = torch.zeros(rows, cfg.vocab_size, dtype=torch.bool, device=self.device)
+
+    # -- masks -------------------------------------------------------------------------------
+    def _masks(self, slots: torch.Tensor, ends: torch.Tensor) -> dict:
+        """Per sliding window, (B, 1, T, max_len): a query at slot q sees written slots s <= q (s < end).
+
+        Every query also sees its own slot: a padding query past its row's end would otherwise see nothing,
+        and the NaN of an empty softmax would reach real tokens through its cached value (0 * NaN)."""
+        s = torch.arange(self.cache.max_len, device=self.device)[None, None, :]  # (1, 1, S)
+        q = slots[:, :, None]  # (B, T, 1)
+        visible = (s <= q) & (s < ends[:, None, None])
+        masks = {}
+        for window in {self.config.window(i) for i in range(self.config.num_layers)}:
+            allowed = visible if window is None else visible & (s > q - window)
+            masks[window] = (allowed | (s == q))[:, None]
+        return masks
+
+    def _forward(self, tokens: torch.Tensor, slots: torch.Tensor, ends: torch.Tensor) -> torch.Tensor:
+        self.cache.slots = slots
+        return self.model.run_layers(tokens, slots, self._masks(slots, ends), self.cache)
+
+    # -- prefill -----------------------------------------------------------------------------
+    def _prefill(self, sequences: list[list[int]]) -> torch.Tensor:
+        """Write the sequences into cache rows 0..P-1 (in chunks); returns their last logits (P, vocab)."""
+        P, longest = len(sequences), max(len(s) for s in sequences)
+        tokens = torch.zeros(P, longest, dtype=torch.long, device=self.device)
+        for row, seq in enumerate(sequences):
+            tokens[row, : len(seq)] = torch.tensor(seq, device=self.device)
+        lengths = torch.tensor([len(s) for s in sequences], device=self.device)
+        last = torch.zeros(P, self.config.hidden_size, dtype=self.dtype, device=self.device)
+        # LongRoPE picks its factors from the longest position of a call: one chunk keeps them consistent.
+        size = longest if self.config.rope.rope_type == "longrope" else self.prefill_chunk
+        for start in range(0, longest, size):
+            chunk = tokens[:, start : start + size]
+            slots = torch.arange(start, start + chunk.shape[1], device=self.device).expand(P, -1)
+            hidden = self._forward(chunk, slots, lengths)
+            # Keep the hidden state of each row's last real token when it falls in this chunk.
+            inside = (lengths - 1 >= start) & (lengths - 1 < start + chunk.shape[1])
+            picked = hidden[torch.arange(P, device=self.device), (lengths - 1 - start).clamp(0, chunk.shape[1] - 1)]
+            last = torch.where(inside[:, None], picked, last)
+        return self.model.logits(last)
+
+    # -- decode ------------------------------------------------------------------------------
+    def _decode_step(self, B: int, params: SamplingParams, generator) -> torch.Tensor:
+        """One token for rows 0..B-1 from self._tokens / self._lengths; writes the new tokens back."""
+        tokens, lengths = self._tokens[:B], self._lengths[:B]
+        slots = lengths[:, None]
+        hidden = self._forward(tokens, slots, lengths + 1)
+        logits = self.model.logits(hidden[:, -1])
+        seen = self._seen[:B] if params.repetition_penalty != 1.0 else None
+        new = sample(logits, params, generator, seen)
+        if seen is not None:
+            mark_seen(seen, new)
+        tokens.copy_(new[:, None])
+        lengths.add_(1)
+        return new
+
+    def _graph_step(self, B: int, params: SamplingParams) -> Callable[[], torch.Tensor]:
+        """A CUDA-graph replay of _decode_step for bucket size B (captured on first use)."""
+        key = (B, params)
+        if key not in self._graphs:
+            saved = (self._tokens[:B].clone(), self._lengths[:B].clone(), self._seen[:B].clone())
+            stream = torch.cuda.Stream()
+            stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(stream):  # warm-up outside capture (lazy inits, autotuning)
+                for _ in range(2):
+                    self._decode_step(B, params, None)
+            torch.cuda.current_stream().wait_stream(stream)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                out = self._decode_step(B, params, None)
+            self._graphs[key] = (graph, out)
+            for buf, value in zip((self._tokens[:B], self._lengths[:B], self._seen[:B]), saved):
+                buf.copy_(value)  # the warm-up and capture must not have advanced the real state
+        graph, out = self._graphs[key]
+
+        def replay() -> torch.Tensor:
+            graph.replay()
+            return out
+
+        return replay
+
+    # -- the call ----------------------------------------------------------------------------
+    @torch.inference_mode()
+    def generate(
+        self,
+        prompts: Sequence[Sequence[int]],
+        max_new_tokens: int,
+        params: SamplingParams = SamplingParams(),
+        n: int = 1,
+        eos_token_ids: Sequence[int] = (),
+        seed: int | None = None,
+        on_tokens: Callable[[list[int], torch.Tensor], None] | None = None,
+    ) -> list[list[int]]:
+        """Completions (token ids, EOS included when emitted) for each prompt x n samples, prompt-major.
+
+        on_tokens(sequence_ids, tokens) receives each step's new tokens of the live sequences.
+        """
+        prompts = [list(p) for p in prompts]
+        if not prompts or any(len(p) == 0 for p in prompts):
+            raise ValueError("every prompt needs at least one token")
+        total = len(prompts) * n
+        rows = bucket(total) if self.cuda_graphs else total
+        self._ensure_cache(rows, max(len(p) for p in prompts) + max_new_tokens)
+        generator = None
+        if seed is not None:
+            if self.cuda_graphs:
+                torch.cuda.manual_seed(seed)  # graphs draw from the default CUDA generator
+            else:
+                generator = torch.Generator(self.device).manual_seed(seed)
+        eos = torch.tensor(list(eos_token_ids) or [-1], device=self.device)
+
+        logits = self._prefill(prompts).repeat_interleave(n, 0)  # (total, vocab)
+        self.cache.reorder(torch.arange(len(prompts), device=self.device).repeat_interleave(n))
+        lengths = torch.tensor([len(p) for p in prompts], device=self.device).repeat_interleave(n)
+        self._lengths[:total] = lengths
+        self._seen[:total] = False
+        if params.repetition_penalty != 1.0:
+            for row, p in enumerate(prompts):
+                self._seen[row * n : (row + 1) * n, p] = True
+        seen = self._seen[:total] if params.repetition_penalty != 1.0 else None
+        first = sample(logits, params, generator, seen)
+        if seen is not None:
+            mark_seen(seen, first)
+        self._tokens[:total, 0] = first
+
+        alive = list(range(total))  # sequence id held by each live row
+        outputs: list[list[torch.Tensor]] = [[] for _ in range(total)]
+        steps: list[tuple[list[int], torch.Tensor]] = [(alive, first)]
+        finished = torch.isin(first, eos)
+        longest_prompt = max(len(p) for p in prompts)
+        for step in range(1, max_new_tokens):
+            if step % self.sync_every == 0:
+                alive, finished = self._compact(alive, finished, steps, outputs)
+                if not alive:
+                    break
+            B = len(alive)
+            if self._crosses_longrope(longest_prompt + step):
+                new = self._reprefill(alive, prompts, n, steps, outputs, params, generator)
+            elif self.cuda_graphs:
+                new = self._graph_step(bucket(B), params)()[:B].clone()
+            else:
+                new = self._decode_step(B, params, generator)
+            steps.append((alive, new))
+            if on_tokens is not None:
+                on_tokens(alive, new)
+            finished = finished | torch.isin(new, eos)
+        self._flush(steps, outputs)
+        return [_until_eos(out, eos_token_ids) for out in outputs]
+
+    # -- bookkeeping -------------------------------------------------------------------------
+    def _flush(self, steps: list, outputs: list) -> None:
+        for ids, tokens in steps:
+            for i, token in zip(ids, tokens.tolist()):
+                outputs[i].append(token)
+        steps.clear()
+
+    def _compact(self, alive: list[int], finished: torch.Tensor, steps: list, outputs: list):
+        """Move unfinished rows to the front (one host sync); returns the new alive list and flags."""
+        self._flush(steps, outputs)
+        keep = (~finished).nonzero().flatten()
+        if keep.numel() == len(alive):
+            return alive, finished
+        index = keep.tolist()
+        self.cache.reorder(keep)
+        for buf in (self._tokens, self._lengths, self._seen):
+            buf[: len(index)] = buf.index_select(0, keep)
+        return [alive[i] for i in index], finished[keep]
+
+    def _crosses_longrope(self, total_len: int) -> bool:
+        rope = self.config.rope
+        return rope.rope_type == "longrope" and total_len == rope.original_max_position_embeddings + 1
+
+    def _reprefill(self, alive: list[int], prompts, n: int, steps: list, outputs: list, params, generator):
+        """LongRoPE switches every position to its long factors once the sequence passes the original length:
+        keys cached under the short factors are stale, so the live sequences run again from the start (the
+        newest token included) and their next tokens are sampled from that pass."""
+        self._flush(steps, outputs)
+        sequences = [prompts[i // n] + outputs[i] for i in alive]
+        B = len(alive)
+        seen = self._seen[:B] if params.repetition_penalty != 1.0 else None
+        new = sample(self._prefill(sequences), params, generator, seen)
+        if seen is not None:
+            mark_seen(seen, new)
+        self._lengths[:B] = torch.tensor([len(s) for s in sequences], device=self.device)
+        self._tokens[:B, 0] = new
+        return new
+
+
+def _until_eos(tokens: list[int], eos_token_ids: Sequence[int]) -> list[int]:
+    for i, token in enumerate(tokens):
+        if token in eos_token_ids:
+            return tokens[: i + 1]
+    return tokens
