@@ -1,4 +1,9 @@
-"""Choosing the next token from logits: greedy, or sampling with temperature, top-k, top-p and min-p."""
+"""Choosing the next token from logits: greedy, or sampling with temperature, top-k, top-p and min-p.
+
+`sample` is the engine's path: it never waits on the device (no .item(), no multinomial, no branch on tensor
+values, no value-dependent shapes), so a decode step that calls it can be captured in a CUDA graph. Python
+branches on `params` are fine there: they are fixed for the batch, so they pick which graph gets captured.
+"""
 
 from __future__ import annotations
 
@@ -19,6 +24,8 @@ class SamplingParams:
     """Keep the smallest set of most likely tokens whose probability reaches top_p."""
     min_p: float = 0.0
     """Drop tokens less likely than min_p times the most likely one."""
+    repetition_penalty: float = 1.0
+    """Make every token already in the sequence (prompt included) less likely; 1.0 is off (CTRL, Keskar et al. 2019)."""
 
     def __post_init__(self):
         if self.temperature < 0:
@@ -29,10 +36,29 @@ class SamplingParams:
             raise GazelleError(f"min_p must be in [0, 1), got {self.min_p}")
         if self.top_k < 0:
             raise GazelleError(f"top_k must be >= 0, got {self.top_k}")
+        if not self.repetition_penalty > 0:
+            raise GazelleError(f"repetition_penalty must be > 0 (1.0 turns it off), got {self.repetition_penalty}")
 
     @property
     def greedy(self) -> bool:
         return not self.do_sample or self.temperature == 0
+
+
+def mark_seen(seen: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:
+    """Set seen[b, t] for every id t in row b of token_ids ((B,) or (B, T)); in place, returns seen.
+
+    Start from `torch.zeros(B, V, dtype=torch.bool)` marked with the prompt, then mark each step's tokens.
+    Padding ids get marked too; that only matters if the pad token can be generated.
+    """
+    # Every write stores True, so repeated ids in a row are harmless and the result is deterministic.
+    return seen.scatter_(1, token_ids.reshape(seen.shape[0], -1), True)
+
+
+def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
+    """(B, V) logits with the seen tokens' logits divided by penalty if positive, multiplied if not."""
+    # Dividing a negative logit would raise it, so the sign decides the direction (the CTRL / HF rule).
+    penalised = torch.where(logits > 0, logits / penalty, logits * penalty)
+    return torch.where(seen, penalised, logits)
 
 
 def filter_logits(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
@@ -54,8 +80,32 @@ def filter_logits(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
     return logits
 
 
-def next_token(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None = None) -> torch.Tensor:
-    """(B, V) logits -> (B,) token ids."""
+def _penalised(logits: torch.Tensor, params: SamplingParams, seen: torch.Tensor | None) -> torch.Tensor:
+    if params.repetition_penalty == 1:
+        return logits
+    if seen is None:
+        raise GazelleError("repetition_penalty needs the tokens seen so far: pass seen= (build it with mark_seen)")
+    return apply_repetition_penalty(logits, seen, params.repetition_penalty)
+
+
+def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None = None,
+           seen: torch.Tensor | None = None) -> torch.Tensor:
+    """(B, V) logits -> (B,) token ids, without a host sync; `seen` (B, V) bool is needed for repetition_penalty."""
+    logits = _penalised(logits, params, seen)
+    if params.greedy:
+        return logits.argmax(-1)
+    probs = filter_logits(logits, params).softmax(-1)
+    # Exponential race: argmax(p_i / E_i) with E_i ~ Exp(1) picks i with probability p_i, from one fixed-size
+    # draw and a reduction. exponential_ can return an exact 0 on some backends; 0 / 0 is NaN and argmax
+    # would pick a forbidden token, so E is kept positive (an allowed token then scores inf and still wins).
+    noise = torch.empty_like(probs).exponential_(generator=generator).clamp_min_(torch.finfo(probs.dtype).tiny)
+    return (probs / noise).argmax(-1)
+
+
+def next_token(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None = None,
+               seen: torch.Tensor | None = None) -> torch.Tensor:
+    """(B, V) logits -> (B,) token ids: the plain reference `sample` is tested against (multinomial syncs on CUDA)."""
+    logits = _penalised(logits, params, seen)
     if params.greedy:
         return logits.argmax(-1)
     probs = filter_logits(logits, params).softmax(-1)

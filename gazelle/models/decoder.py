@@ -97,17 +97,28 @@ class Attention(nn.Module):
 
 def attend(q, k, v, mask: torch.Tensor | None, scale: float, cap: float | None) -> torch.Tensor:
     """Grouped-query attention. mask: (B, 1, T, S) bool, True where a query may see a key; None = causal, T == S."""
-    if cap is None:
+    if cap is None and (mask is None or q.shape[2] > 1):
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, scale=scale, enable_gqa=True)
-    # Soft-capped scores (gemma2) cannot go through SDPA: form them explicitly.
-    groups = q.shape[1] // k.shape[1]
-    k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
-    scores = softcap(q @ k.transpose(-1, -2) * scale, cap)  # (B, heads, T, S)
+    return grouped_attention(q, k, v, mask, scale, cap)
+
+
+def grouped_attention(q, k, v, mask: torch.Tensor | None, scale: float, cap: float | None) -> torch.Tensor:
+    """Attention with each key/value head read once for its whole group of query heads.
+
+    Used for decoding (one query per sequence: SDPA's masked GQA path would copy K and V once per query
+    head) and for soft-capped scores (gemma2), which SDPA cannot express.
+    """
+    B, H, T, D = q.shape
+    kv_heads, S = k.shape[1], k.shape[2]
+    groups = H // kv_heads
+    q = q.reshape(B, kv_heads, groups * T, D)  # query heads of one group are consecutive
+    scores = softcap(q @ k.transpose(-1, -2) * scale, cap)  # (B, kv_heads, groups * T, S)
     if mask is None:
-        T = q.shape[2]
-        mask = torch.ones(T, T, dtype=torch.bool, device=q.device).tril()
+        mask = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(S - T)[None, None]
+    mask = mask[:, :, None].expand(-1, -1, groups, -1, -1).reshape(mask.shape[0], 1, groups * T, S)
     scores = scores.masked_fill(~mask, float("-inf"))
-    return torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype) @ v
+    out = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype) @ v  # (B, kv_heads, groups * T, D)
+    return out.reshape(B, H, T, D)
 
 
 class MLP(nn.Module):

@@ -21,6 +21,8 @@ This is the reference path: a Triton kernel replaces the hot loops later and mus
 
 from __future__ import annotations
 
+import functools
+
 import dataclasses
 import json
 import math
@@ -46,7 +48,13 @@ CHUNK = 1 << 22  # elements quantized at once: bounds the float32 temporaries to
 
 
 def nf4_levels(device: torch.device | str | None = None) -> torch.Tensor:
-    """The NF4 code table, float32 (16,)."""
+    """The NF4 code table, float32 (16,); one shared tensor per device (read-only), so that a CUDA graph
+    capturing a dequantization finds it already on the GPU."""
+    return _levels(torch.device(device or "cpu"))
+
+
+@functools.lru_cache(maxsize=None)
+def _levels(device: torch.device) -> torch.Tensor:
     return torch.tensor(NF4_LEVELS, dtype=torch.float32, device=device)
 
 
