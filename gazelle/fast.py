@@ -79,6 +79,7 @@ class FastLanguageModel:
         has_own = adapter_dir is not None and os.path.isfile(os.path.join(adapter_dir, "tokenizer_config.json"))
         tokenizer = load_tokenizer(adapter_dir if has_own else source)
         tokenizer.model_max_length = max_seq_length
+        model.tokenizer = tokenizer  # for fast_generate
         if adapter_dir is not None:
             load_adapter(model, adapter_dir)
             model.lora_config, _ = read_adapter_config(adapter_dir)

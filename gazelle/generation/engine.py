@@ -152,6 +152,14 @@ class Engine:
         prompts = [list(p) for p in prompts]
         if not prompts or any(len(p) == 0 for p in prompts):
             raise ValueError("every prompt needs at least one token")
+        was_training = self.model.training
+        self.model.eval()  # no dropout while sampling, even between training steps
+        try:
+            return self._generate(prompts, max_new_tokens, params, n, eos_token_ids, seed, on_tokens)
+        finally:
+            self.model.train(was_training)
+
+    def _generate(self, prompts, max_new_tokens, params, n, eos_token_ids, seed, on_tokens) -> list[list[int]]:
         total = len(prompts) * n
         rows = bucket(total) if self.cuda_graphs else total
         self._ensure_cache(rows, max(len(p) for p in prompts) + max_new_tokens)

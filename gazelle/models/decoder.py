@@ -189,6 +189,9 @@ class Decoder(HFStyleMixin, nn.Module):
         self.lora_config = None
         """The LoraConfig of attached adapters, None without LoRA."""
         self.max_seq_length: int | None = None
+        self.tokenizer = None
+        """Set by FastLanguageModel.from_pretrained, for fast_generate."""
+        self._engine = None
         self._rotary = {}
         for i in range(cfg.num_layers):
             rope = cfg.rope_for(i)

@@ -54,27 +54,74 @@ class HFStyleMixin:
 
         `streamer` is anything with put(tensor) and end(), transformers' TextStreamer included.
         """
-        from gazelle.generation.reference import generate
         from gazelle.generation.sampling import SamplingParams
 
         if input_ids is None:
             raise GazelleError("generate needs input_ids (tokenize the prompt first)")
-        if repetition_penalty != 1.0:
-            raise GazelleError("repetition_penalty is not supported by the reference generator yet; leave it at 1.0")
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
-        input_ids, attention_mask = left_padded(input_ids, attention_mask)
         eos = eos_token_id if eos_token_id is not None else self.config.eos_token_id
+        eos = [eos] if isinstance(eos, int) else list(eos or [])
         pad = pad_token_id if pad_token_id is not None else (self.config.pad_token_id or 0)
-        params = SamplingParams(do_sample=do_sample, temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p)
+        params = SamplingParams(do_sample=do_sample, temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p,
+                                repetition_penalty=repetition_penalty)
+        prompts = [row[m.bool()].tolist() for row, m in zip(input_ids, attention_mask)]
         if streamer is not None:
-            streamer.put(input_ids.cpu())
-        out = generate(self, input_ids, attention_mask, max_new_tokens=max_new_tokens, params=params,
-                       eos_token_ids=eos, pad_token_id=pad,
-                       on_token=None if streamer is None else (lambda token: streamer.put(token.cpu())))
+            if len(prompts) != 1:
+                raise GazelleError("a streamer shows one sequence: generate one prompt at a time with streamer=")
+            streamer.put(input_ids[:, attention_mask[0].bool()].cpu())
+        on_tokens = None if streamer is None else (lambda rows, tokens: streamer.put(tokens[:1].cpu()))
+        completions = self.engine().generate(prompts, max_new_tokens, params, eos_token_ids=eos, on_tokens=on_tokens)
         if streamer is not None:
             streamer.end()
-        return out
+        # transformers' layout: the prompts as given (left-padded), then the completions right-padded with pad.
+        input_ids, attention_mask = left_padded(input_ids, attention_mask)
+        width = max(len(c) for c in completions)
+        new = torch.full((len(completions), width), pad, dtype=input_ids.dtype)
+        for row, completion in enumerate(completions):
+            new[row, : len(completion)] = torch.tensor(completion, dtype=input_ids.dtype)
+        return torch.cat([input_ids, new.to(input_ids.device)], dim=1)
+
+    def engine(self):
+        """The generation engine over this model's live weights (created once, with its KV cache)."""
+        from gazelle.generation.engine import Engine
+
+        if self._engine is None:
+            self._engine = Engine(self)
+        return self._engine
+
+    def fast_generate(self, prompts, sampling_params=None, max_new_tokens: int = 256, n: int = 1,
+                      tokenizer=None, seed: int | None = None, **unused) -> list[str]:
+        """Texts for prompts given as strings or chat message lists (one prompt or a list of them).
+
+        sampling_params: gazelle's SamplingParams, or a dict with vLLM-style names (temperature, top_p, top_k,
+        min_p, repetition_penalty, max_tokens, n, seed). Completions come prompt-major, n per prompt.
+        """
+        from gazelle.generation.sampling import SamplingParams
+
+        tokenizer = tokenizer or self.tokenizer
+        if tokenizer is None:
+            raise GazelleError("fast_generate needs the tokenizer: load with FastLanguageModel.from_pretrained "
+                               "or pass tokenizer=")
+        if isinstance(sampling_params, dict):
+            options = dict(sampling_params)
+            max_new_tokens = options.pop("max_tokens", max_new_tokens)
+            n, seed = options.pop("n", n), options.pop("seed", seed)
+            temperature = options.pop("temperature", 1.0)
+            sampling_params = SamplingParams(do_sample=temperature > 0, temperature=temperature, **options)
+        params = sampling_params or SamplingParams()
+        single = isinstance(prompts, str) or (prompts and isinstance(prompts[0], dict))
+        prompts = [prompts] if single else list(prompts)
+        ids = []
+        for prompt in prompts:
+            if isinstance(prompt, str):
+                ids.append(tokenizer(prompt)["input_ids"])
+            else:
+                text = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
+                ids.append(tokenizer(text, add_special_tokens=False)["input_ids"])
+        eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+        completions = self.engine().generate(ids, max_new_tokens, params, n=n, eos_token_ids=eos, seed=seed)
+        return [tokenizer.decode(c, skip_special_tokens=True) for c in completions]
 
     def save_pretrained(self, save_directory: str | os.PathLike, tokenizer=None, **unused) -> None:
         """The LoRA adapter in PEFT's format when adapters are attached, else the full weights + config.json."""

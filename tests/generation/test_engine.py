@@ -76,3 +76,30 @@ def test_smollm2_greedy_equals_reference(smollm2_gguf):
     got = Engine(model).generate(batch, max_new_tokens=24, n=2, eos_token_ids=eos)
     assert got == [seq for seq in expected for _ in range(2)]
     assert "4" in tokenizer.decode(got[0])
+
+
+def test_generation_after_an_optimizer_step_uses_the_updated_adapter(tmp_path):
+    from gazelle import FastLanguageModel, SFTConfig, SFTTrainer
+    from tests.trainers.helpers import text_rows, word_tokenizer
+
+    model = FastLanguageModel.get_peft_model(gazelle_model("llama"), r=4, lora_alpha=8)
+    engine = model.engine()
+    batch = prompts(seed=3)
+    before = engine.generate(batch, max_new_tokens=10)
+    assert before == reference_greedy(model, batch, 10)
+    args = SFTConfig(output_dir=str(tmp_path), max_steps=2, learning_rate=5e-2, save_strategy="no", disable_tqdm=True)
+    SFTTrainer(model, word_tokenizer(), text_rows(8), args).train()
+    model.train()  # as between steps of an RL loop: the engine samples without dropout and restores the mode
+    after = engine.generate(batch, max_new_tokens=10)
+    assert model.training
+    assert after != before, "the adapter update did not reach generation"
+    assert after == reference_greedy(model.eval(), batch, 10)
+
+
+def test_fast_generate_with_chat_messages(smollm2_gguf):
+    from gazelle import FastLanguageModel
+
+    model, tokenizer = FastLanguageModel.from_pretrained(smollm2_gguf, max_seq_length=256)
+    texts = model.fast_generate([[{"role": "user", "content": "What is 2+2?"}], "The capital of France is"],
+                                {"temperature": 0, "max_tokens": 16})
+    assert len(texts) == 2 and "4" in texts[0] and "Paris" in texts[1]
