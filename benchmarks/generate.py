@@ -34,6 +34,8 @@ def main() -> None:
     ap.add_argument("prompt", type=int)
     ap.add_argument("new", type=int)
     ap.add_argument("--4bit", dest="q4", action="store_true")
+    ap.add_argument("--no-compile", dest="compile", action="store_false",
+                    help="capture the eager decode step (default: torch.compile it first)")
     a = ap.parse_args()
     path = f"/tmp/hf_baseline_{a.shape}"
     model = load_model(path, dtype=torch.bfloat16, device="cuda", load_in_4bit=a.q4)
@@ -41,7 +43,7 @@ def main() -> None:
     torch.manual_seed(0)
     prompts = torch.randint(0, 150000, (a.batch, a.prompt)).tolist()
     params = SamplingParams(do_sample=True, temperature=1.0)
-    engine = Engine(model)
+    engine = Engine(model, compile=a.compile)
     engine.generate([p[:16] for p in prompts], 8, params, seed=0)  # warm-up: kernels, graphs of every bucket used
     engine.generate(prompts, a.new, params, seed=0)
     torch.cuda.reset_peak_memory_stats()
@@ -56,7 +58,7 @@ def main() -> None:
     cfg = model.config
     kv_bytes = 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * 2 * engine.cache.rows * engine.cache.max_len
     print("RESULT", json.dumps(dict(
-        impl="gazelle", what="generate", shape=a.shape, q4=a.q4, batch=a.batch, prompt=a.prompt, new=a.new,
+        impl="gazelle" + ("" if a.compile else " (no compile)"), what="generate", shape=a.shape, q4=a.q4, batch=a.batch, prompt=a.prompt, new=a.new,
         s=round(min(times), 3), tok_s=round(a.batch * a.new / min(times)),
         peak_gib=round(torch.cuda.max_memory_allocated() / 2**30, 2), weights_gib=round(weights / 2**30, 2),
         kv_cache_gib=round(kv_bytes / 2**30, 2))), flush=True)

@@ -27,7 +27,8 @@ def bucket(n: int) -> int:
 
 
 class Engine:
-    def __init__(self, model, prefill_chunk: int = 1024, sync_every: int = 16, cuda_graphs: bool | None = None):
+    def __init__(self, model, prefill_chunk: int = 1024, sync_every: int = 16, cuda_graphs: bool | None = None,
+                 compile: bool | None = None):
         self.model = model
         self.config = model.config
         self.prefill_chunk = prefill_chunk
@@ -37,6 +38,11 @@ class Engine:
         self.cuda_graphs = self.device.type == "cuda" if cuda_graphs is None else cuda_graphs
         self.cache: StaticKVCache | None = None
         self._graphs: dict = {}
+        # torch.compile fuses the decode step's many small kernels (norms, rotary, activations) before the
+        # step is captured in a CUDA graph; shapes are fixed per batch bucket, so it compiles once per bucket.
+        # On by default with CUDA graphs; the first call of each batch size then compiles (about a minute).
+        compile = self.cuda_graphs if compile is None else compile
+        self._step_fn = torch.compile(self._decode_step, dynamic=False) if compile else self._decode_step
 
     # -- memory ------------------------------------------------------------------------------
     def _ensure_cache(self, rows: int, max_len: int) -> None:
@@ -115,13 +121,13 @@ class Engine:
             saved = (self._tokens[:B].clone(), self._lengths[:B].clone(), self._seen[:B].clone())
             stream = torch.cuda.Stream()
             stream.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(stream):  # warm-up outside capture (lazy inits, autotuning)
+            with torch.cuda.stream(stream):  # warm-up outside capture (lazy inits, autotuning, compilation)
                 for _ in range(2):
-                    self._decode_step(B, params, None)
+                    self._step_fn(B, params, None)
             torch.cuda.current_stream().wait_stream(stream)
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph):
-                out = self._decode_step(B, params, None)
+                out = self._step_fn(B, params, None)
             self._graphs[key] = (graph, out)
             for buf, value in zip((self._tokens[:B], self._lengths[:B], self._seen[:B]), saved):
                 buf.copy_(value)  # the warm-up and capture must not have advanced the real state
