@@ -168,7 +168,10 @@ class DecoderBody(nn.Module):
 
     def __init__(self, cfg: DecoderConfig):
         super().__init__()
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        table = torch.empty(cfg.vocab_size, cfg.hidden_size)
+        if not table.is_meta:  # building on meta for loading skips the init (whose meta kernel pulls in dynamo)
+            nn.init.normal_(table)
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size, _weight=table)
         self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg.norm_offset)
 
