@@ -28,7 +28,7 @@ from gazelle.quant import (
 )
 from gazelle.quant.nf4 import dequantize_absmax, dynamic_map
 
-bnb = pytest.importorskip("bitsandbytes")
+import bitsandbytes as bnb
 bnbF = bnb.functional
 
 SHAPES = [(5, 128), (123, 192), (256, 64), (3, 100), (7, 33), (1, 64)]
@@ -257,7 +257,7 @@ def test_nf4_bytes_counts_a_quarter_of_bf16_and_some():
 
 
 def test_transformers_4bit_checkpoint_reads_and_writes_exactly(tmp_path):
-    transformers = pytest.importorskip("transformers")
+    import transformers
     from safetensors.torch import load_file
 
     torch.manual_seed(6)
