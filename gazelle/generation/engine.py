@@ -106,12 +106,17 @@ class Engine:
         slots = lengths[:, None]
         hidden = self._forward(tokens, slots, lengths + 1)
         logits = self.model.logits(hidden[:, -1])
-        seen = self._seen[:B] if params.repetition_penalty != 1.0 else None
+        new = self._sample(logits, params, generator)
+        tokens.copy_(new[:, None])
+        lengths.add_(1)
+        return new
+
+    def _sample(self, logits: torch.Tensor, params: SamplingParams, generator) -> torch.Tensor:
+        """Next tokens of rows 0..B-1 (B = len(logits)), recording them for the repetition penalty."""
+        seen = self._seen[: logits.shape[0]] if params.repetition_penalty != 1.0 else None
         new = sample(logits, params, generator, seen)
         if seen is not None:
             mark_seen(seen, new)
-        tokens.copy_(new[:, None])
-        lengths.add_(1)
         return new
 
     def _graph_step(self, B: int, params: SamplingParams) -> Callable[[], torch.Tensor]:
@@ -185,10 +190,7 @@ class Engine:
         if params.repetition_penalty != 1.0:
             for row, p in enumerate(prompts):
                 self._seen[row * n : (row + 1) * n, p] = True
-        seen = self._seen[:total] if params.repetition_penalty != 1.0 else None
-        first = sample(logits, params, generator, seen)
-        if seen is not None:
-            mark_seen(seen, first)
+        first = self._sample(logits, params, generator)
         self._tokens[:total, 0] = first
 
         alive = list(range(total))  # sequence id held by each live row
@@ -245,10 +247,7 @@ class Engine:
         self._flush(steps, outputs)
         sequences = [prompts[i // n] + outputs[i] for i in alive]
         B = len(alive)
-        seen = self._seen[:B] if params.repetition_penalty != 1.0 else None
-        new = sample(self._prefill(sequences), params, generator, seen)
-        if seen is not None:
-            mark_seen(seen, new)
+        new = self._sample(self._prefill(sequences), params, generator)
         self._lengths[:B] = torch.tensor([len(s) for s in sequences], device=self.device)
         self._tokens[:B, 0] = new
         return new
