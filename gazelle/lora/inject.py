@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import re
+from collections.abc import Iterator
 
 import torch
 from torch import nn
@@ -115,6 +117,19 @@ def inject_lora(model: nn.Module, config: LoraConfig) -> nn.Module:
 def lora_parameters(model: nn.Module) -> list[nn.Parameter]:
     """The adapter weights (lora_A/lora_B, lora_embedding_A/B) in model order; trainable biases are not included."""
     return [p for _, m in lora_modules(model) for n, p in m.named_parameters() if not n.startswith("base_layer.")]
+
+
+@contextlib.contextmanager
+def adapters_disabled(model: nn.Module) -> Iterator[None]:
+    """Run the model as its base alone (no second copy of the weights): the reference policy of RL."""
+    modules = [m for _, m in lora_modules(model)]
+    for m in modules:
+        m.disabled = True
+    try:
+        yield
+    finally:
+        for m in modules:
+            m.disabled = False
 
 
 def _unwrap(model: nn.Module) -> None:

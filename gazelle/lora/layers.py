@@ -167,8 +167,13 @@ class LoraLinear(nn.Module):
         """B @ A * scaling in float32, shaped like the base weight (out, in)."""
         return self.lora_B.weight.float() @ self.lora_A.weight.float() * self.scaling
 
+    disabled = False
+    """True while adapters_disabled() is active: the layer is its base alone (GRPO's reference policy)."""
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         result = self.base_layer(x)
+        if self.disabled:
+            return result
         a, b = self.lora_A.weight.to(x.dtype), self.lora_B.weight.to(x.dtype)
         return result + F.linear(F.linear(self.lora_dropout(x), a), b) * self.scaling
 
@@ -216,8 +221,12 @@ class LoraEmbedding(nn.Module):
         """(B @ A).T * scaling in float32, shaped like the base table (vocab, hidden)."""
         return (self.lora_embedding_B.float() @ self.lora_embedding_A.float()).T * self.scaling
 
+    disabled = False
+
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         result = self.base_layer(ids)
+        if self.disabled:
+            return result
         a, b = self.lora_embedding_A.to(result.dtype), self.lora_embedding_B.to(result.dtype)
         # padding_idx as the base has it, so the pad row of A gets no gradient either.
         after_a = F.embedding(ids, a.T, padding_idx=self.base_layer.padding_idx)

@@ -17,13 +17,18 @@ CHUNK_BYTES = 256 * 1024 * 1024  # float32 logits held at once
 
 
 def _chunk_log_probs(head: Callable[[torch.Tensor], torch.Tensor], hidden: torch.Tensor, targets: torch.Tensor,
-                     temperature: float) -> torch.Tensor:
+                     temperature: float, entropy: bool = False) -> torch.Tensor:
     logits = head(hidden)  # (n, vocab)
     logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # 16-bit logits are upcast
     if temperature != 1.0:
         logits = logits / temperature
     picked = logits.gather(-1, targets.clamp(min=0)[:, None]).squeeze(-1)
-    return picked - torch.logsumexp(logits, dim=-1)
+    normaliser = torch.logsumexp(logits, dim=-1)
+    if not entropy:
+        return picked - normaliser
+    with torch.no_grad():  # H = logsumexp - sum p * logits, for logging only
+        h = normaliser - (torch.softmax(logits, dim=-1) * logits).sum(-1)
+    return torch.stack([picked - normaliser, h])
 
 
 def token_log_probs(
@@ -33,11 +38,13 @@ def token_log_probs(
     vocab_size: int,
     temperature: float = 1.0,
     chunk_tokens: int | None = None,
-) -> torch.Tensor:
+    with_entropy: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """log softmax(head(hidden) / temperature)[target] for every token.
 
     hidden (..., H) and targets (...) -> log-probs (...) in float32 (float64 for float64 input); targets equal to IGNORE_INDEX give 0.
     `head` maps (n, H) hidden states to (n, vocab) logits (lm_head and any soft-capping).
+    with_entropy: also return the entropy of each position's distribution (no gradient), as a second tensor.
     """
     shape = targets.shape
     hidden, targets = hidden.reshape(-1, hidden.shape[-1]), targets.reshape(-1)  # (N, H), (N,)
@@ -47,11 +54,16 @@ def token_log_probs(
     for start in range(0, hidden.shape[0], chunk):
         h, t = hidden[start : start + chunk], targets[start : start + chunk]
         if grad:
-            parts.append(checkpoint(_chunk_log_probs, head, h, t, temperature, use_reentrant=False))
+            parts.append(checkpoint(_chunk_log_probs, head, h, t, temperature, with_entropy, use_reentrant=False))
         else:
-            parts.append(_chunk_log_probs(head, h, t, temperature))
-    log_probs = torch.cat(parts) if parts else hidden.new_zeros(0, dtype=torch.float32)
-    return log_probs.masked_fill(targets == IGNORE_INDEX, 0.0).reshape(shape)
+            parts.append(_chunk_log_probs(head, h, t, temperature, with_entropy))
+    if not parts:
+        empty = hidden.new_zeros(2, 0) if with_entropy else hidden.new_zeros(0)
+        parts = [empty.float() if hidden.dtype != torch.float64 else empty]
+    out = torch.cat(parts, dim=-1).masked_fill(targets == IGNORE_INDEX, 0.0)
+    if with_entropy:
+        return out[0].reshape(shape), out[1].detach().reshape(shape)
+    return out.reshape(shape)
 
 
 def cross_entropy_sum(head, hidden: torch.Tensor, targets: torch.Tensor, vocab_size: int,

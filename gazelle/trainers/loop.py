@@ -1,9 +1,9 @@
 """The training loop, written once: accumulation, clipping, schedule, logging, checkpoint and resume.
 
-A trainer subclass provides `batches(epoch)` (the micro-batches of one epoch, in a deterministic order)
-and `loss(batch) -> (loss_sum, target_tokens)`; this module turns that into optimizer steps whose loss
-is normalised by the target tokens of the whole step, so batch 8 x accumulation 1 and batch 1 x
-accumulation 8 take the same step.
+A trainer subclass provides `batches(epoch, start)` (the micro-batches of one epoch from index `start`, in a
+deterministic order) and `loss(batch) -> (loss_sum, count)`; this module turns that into optimizer steps
+whose loss is normalised once for the whole step (`step_normalizer`: by default the target tokens of all
+its micro-batches), so batch 8 x accumulation 1 and batch 1 x accumulation 8 take the same step.
 """
 
 from __future__ import annotations
@@ -18,7 +18,12 @@ from typing import NamedTuple
 import torch
 
 from gazelle.errors import GazelleError
-from gazelle.trainers.checkpoint import list_checkpoints, load_checkpoint, prune_checkpoints, save_checkpoint
+from gazelle.trainers.checkpoint import (
+    list_checkpoints,
+    load_checkpoint,
+    prune_checkpoints,
+    save_checkpoint,
+)
 from gazelle.trainers.config import TrainingArguments
 from gazelle.utils.logging import get_logger, progress
 
@@ -92,8 +97,21 @@ class Trainer:
         """Micro-batches per epoch."""
         raise NotImplementedError
 
-    def batches(self, epoch: int) -> Iterator[dict]:
+    def batches(self, epoch: int, start: int = 0) -> Iterator[dict]:
+        """The micro-batches of `epoch` from index `start` on (a resumed run skips what it has done)."""
         raise NotImplementedError
+
+    def step_normalizer(self, batches: list[dict]) -> float:
+        """What the summed losses of one optimizer step are divided by: here, their target tokens."""
+        tokens = sum(int((b["targets"] != -100).sum()) for b in batches)
+        if tokens == 0:
+            raise GazelleError("a training step has no target tokens: every label is masked (check "
+                               "train_on_responses_only's parts or the dataset)")
+        return tokens
+
+    def log_extras(self) -> dict:
+        """More fields for the next logged record (a subclass's own statistics since the last one)."""
+        return {}
 
     def loss(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
         raise NotImplementedError
@@ -103,7 +121,11 @@ class Trainer:
         return {}
 
     def save_extra(self, directory: str) -> None:
-        """Files a checkpoint carries besides the training state (the adapter, say)."""
+        """Files a checkpoint carries besides the training state: the LoRA adapter in PEFT's format."""
+        if getattr(self.model, "lora_config", None) is not None:
+            from gazelle.lora.peft_io import save_adapter
+
+            save_adapter(self.model, directory, self.model.lora_config, self.model.name_or_path or "")
 
     def resolved_config(self) -> dict:
         return self.args.to_dict()
@@ -119,9 +141,8 @@ class Trainer:
         """(epoch, index within epoch, batch) forever, starting `skip` batches into `start_epoch`."""
         epoch = start_epoch
         while True:
-            for index, batch in enumerate(self.batches(epoch)):
-                if index >= skip:
-                    yield epoch, index, batch
+            for index, batch in enumerate(self.batches(epoch, skip), start=skip):
+                yield epoch, index, batch
             epoch, skip = epoch + 1, 0
 
     def _checkpoint(self, optimizer, scheduler, position: tuple[int, int]) -> str:
@@ -210,12 +231,9 @@ class Trainer:
         return TrainOutput(self.global_step, mean_loss, metrics)
 
     def _step(self, optimizer, batches: list[dict]) -> tuple[float, int, float]:
-        """One optimizer step over the micro-batches; returns (loss sum, target tokens, grad norm)."""
+        """One optimizer step over the micro-batches; returns (loss sum, normalizer, grad norm)."""
         device = next(self.model.parameters()).device
-        tokens = sum(int((b["targets"] != -100).sum()) for b in batches)
-        if tokens == 0:
-            raise GazelleError("a training step has no target tokens: every label is masked (check "
-                               "train_on_responses_only's parts or the dataset)")
+        tokens = self.step_normalizer(batches)
         total = 0.0
         for batch in batches:
             batch = {k: v.to(device) for k, v in batch.items()}
@@ -249,6 +267,7 @@ class Trainer:
             "grad_norm": grad_norm,
             "tokens_per_second": window["seen"] / max(elapsed, 1e-9),  # all tokens processed, not only targets
             "memory_gib": _memory_gib(),
+            **self.log_extras(),
         }
         self.metrics.append(record)
         with open(metrics_path, "a") as f:

@@ -179,13 +179,13 @@ class SFTTrainer(Trainer):
     def num_batches(self) -> int:
         return math.ceil(len(self.examples()) / self.args.per_device_train_batch_size)
 
-    def batches(self, epoch: int) -> Iterator[dict]:
+    def batches(self, epoch: int, start: int = 0) -> Iterator[dict]:
         examples = self.examples()
         order = torch.randperm(len(examples), generator=torch.Generator().manual_seed(self.args.seed + epoch))
         size = self.args.per_device_train_batch_size
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
-        for start in range(0, len(examples), size):
-            chosen = [examples[i] for i in order[start : start + size].tolist()]
+        for first in range(start * size, len(examples), size):
+            chosen = [examples[i] for i in order[first : first + size].tolist()]
             yield packed_batch(chosen, pad) if self.args.packing else pad_batch(chosen, pad)
 
     @torch.no_grad()
@@ -212,12 +212,6 @@ class SFTTrainer(Trainer):
         # Only positions with a target go through the lm_head.
         return cross_entropy_sum(self.model.logits, hidden[trained], batch["targets"][trained],
                                  self.model.config.vocab_size)
-
-    def save_extra(self, directory: str) -> None:
-        if self.model.lora_config is not None:
-            from gazelle.lora.peft_io import save_adapter
-
-            save_adapter(self.model, directory, self.model.lora_config, self.model.name_or_path or "")
 
     def resolved_config(self) -> dict:
         return {**self.args.to_dict(), "max_seq_length": self.max_seq_length}

@@ -1,0 +1,241 @@
+"""GRPOTrainer: packed log-probs, one step against transformers + PEFT, learning, resume, bad inputs."""
+
+import itertools
+
+import pytest
+import torch
+
+from gazelle.errors import GazelleError
+from gazelle.trainers.grpo import GRPOConfig, GRPOTrainer
+from tests.lora import (
+    copy_lora_into_peft,
+    model_pair,
+    peft_config,
+    peft_named,
+    randomize_lora,
+)
+from tests.trainers.helpers import word_tokenizer
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+class FixedEngine:
+    """Stands in for the generation engine: returns given completions, records what it was asked."""
+
+    def __init__(self, completions):
+        self.completions, self.calls = completions, []
+
+    def generate(self, prompts, max_new_tokens, params, n=1, eos_token_ids=(), seed=None, **_):
+        self.calls.append((prompts, n, seed))
+        return [list(c) for c in self.completions[: len(prompts) * n]]
+
+
+def lora_model(family="llama", seed=0):
+    from gazelle import FastLanguageModel
+
+    hf, model = model_pair(family, seed)
+    model = FastLanguageModel.get_peft_model(model, r=4, lora_alpha=8, use_gradient_checkpointing=False)
+    randomize_lora(model)
+    return hf, model
+
+
+def rows_and_completions():
+    """Two prompts of different lengths (word ids 3..255) and three completions each, some ending in EOS (2)."""
+    rows = [{"prompt": "w10 w11 w12 w13 w14", "score": [0.0, 1.0, 0.5]},
+            {"prompt": "w20 w21", "score": [2.0, 2.0, -1.0]}]
+    completions = [[30, 31, 2], [32, 33, 34, 35], [36], [40, 41, 42, 43, 44, 2], [45, 2], [46, 47]]
+    return rows, completions
+
+
+def given_scores(completions, score, **_):
+    """Reward = the row's listed score for the k-th completion of its group."""
+    return [float(s[k % 3]) for k, s in enumerate(score)]
+
+
+def config(tmp_path, **overrides):
+    fields = dict(output_dir=str(tmp_path), num_generations=3, per_device_train_batch_size=3,
+                  gradient_accumulation_steps=2, max_steps=1, learning_rate=1e-3, save_strategy="no", seed=1,
+                  disable_tqdm=True, max_completion_length=8, temperature=0.7)
+    return GRPOConfig(**{**fields, **overrides})
+
+
+def trainer_with(model, tmp_path, completions, rows=None, rewards=(given_scores,), **overrides):
+    rows = rows or rows_and_completions()[0]
+    trainer = GRPOTrainer(model, list(rewards), args=config(tmp_path, **overrides), train_dataset=rows,
+                          processing_class=word_tokenizer())
+    model._engine = FixedEngine(completions)
+    return trainer
+
+
+@pytest.mark.parametrize("family", ["llama", "mistral", "gemma2", "qwen2"])
+def test_packed_log_probs_equal_one_row_per_completion(family, tmp_path):
+    """Prompt once + its completions in one row (tree mask) gives each completion's log-probs as if run alone."""
+    _, model = lora_model(family)
+    rows, completions = rows_and_completions()
+    trainer = trainer_with(model, tmp_path, completions, shuffle_dataset=False, per_device_train_batch_size=6,
+                           gradient_accumulation_steps=1)
+    batch = next(trainer.batches(0))
+    packed = trainer._log_probs(model, batch)
+    tok = word_tokenizer()
+    for j, i in enumerate(batch["completion_index"].tolist()):
+        c, prompt = completions[i], tok(rows[i // 3]["prompt"])["input_ids"]
+        ids = torch.tensor([prompt + c])
+        logits = model.logits(model(ids))[0, len(prompt) - 1 : -1].double() / 0.7
+        expected = logits.log_softmax(-1).gather(-1, torch.tensor(c)[:, None]).squeeze(-1)
+        torch.testing.assert_close(packed[j, : len(c)].double(), expected, atol=2e-5, rtol=0)
+        assert (packed[j, len(c):] == 0).all()
+    assert batch["input_ids"].shape[0] == 2  # two prompts: two packed rows for six completions
+
+
+def reference_step(hf, model, rows, completions, loss_type, beta, temperature=0.7):
+    """The GRPO loss and adapter gradient written out independently on transformers + PEFT, one row per completion."""
+    import peft
+
+    peft_model = peft.get_peft_model(hf, peft_config(model.lora_config))
+    copy_lora_into_peft(model, peft_model)
+    tok = word_tokenizer()
+    rewards = torch.tensor([float(r["score"][k]) for r in rows for k in range(3)], dtype=torch.float64)
+    groups = rewards.view(2, 3)
+    adv = ((groups - groups.mean(1, keepdim=True)) / (groups.std(1, keepdim=True) + 1e-4)).reshape(-1)
+    terms, lengths = [], []
+    for j, c in enumerate(completions):
+        ids = torch.tensor([tok(rows[j // 3]["prompt"])["input_ids"] + c])
+        P = ids.shape[1] - len(c)
+        logits = peft_model(ids).logits[0, P - 1 : -1].double() / temperature
+        logp = logits.log_softmax(-1).gather(-1, torch.tensor(c)[:, None]).squeeze(-1)
+        per_token = -torch.exp(logp - logp.detach()) * adv[j]
+        if beta:
+            with peft_model.disable_adapter():
+                ref = (peft_model(ids).logits[0, P - 1 : -1].double() / temperature).log_softmax(-1)
+                ref = ref.gather(-1, torch.tensor(c)[:, None]).squeeze(-1)
+            per_token = per_token + beta * (torch.exp(ref - logp) - (ref - logp) - 1)
+        terms.append(per_token)
+        lengths.append(len(c))
+    if loss_type == "dapo":
+        loss = sum(t.sum() for t in terms) / sum(lengths)
+    else:  # grpo: the mean over completions of each one's token mean
+        loss = sum(t.mean() for t in terms) / len(terms)
+    loss.backward()
+    grads = {n: p.grad for n, p in peft_named(peft_model).items() if p.grad is not None}
+    return loss.item(), grads
+
+
+@pytest.mark.parametrize("loss_type,beta,iterations", [("dapo", 0.0, 1), ("grpo", 0.04, 2)])
+def test_one_step_equals_transformers_peft_reference(loss_type, beta, iterations, tmp_path):
+    hf, model = lora_model("llama")
+    rows, completions = rows_and_completions()
+    trainer = trainer_with(model, tmp_path, completions, loss_type=loss_type, beta=beta, num_iterations=iterations,
+                           shuffle_dataset=False)
+    model.train()
+    micro = list(itertools.islice(trainer.batches(0), 2))  # one optimizer step: two micro-batches of 3
+    normalizer = trainer.step_normalizer(micro)
+    loss = sum(trainer.loss(b)[0] for b in micro) / normalizer
+    loss.backward()
+    expected_loss, expected_grads = reference_step(hf, model, rows, completions, loss_type, beta)
+    assert abs(loss.item() - expected_loss) < 1e-4
+    checked = 0
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            torch.testing.assert_close(p.grad.double(), expected_grads[name].double(), atol=1e-4, rtol=1e-4)
+            checked += 1
+    assert checked == 2 * 7 * 3  # A and B of 7 projections in 3 layers
+    assert torch.stack([g.norm() for g in expected_grads.values()]).norm() > 1e-2  # a gradient worth comparing
+
+
+def test_rollout_seeds_and_columns_reach_rewards(tmp_path):
+    _, model = lora_model()
+    seen = {}
+
+    def spy(prompts, completions, completion_ids, score, **rest):
+        seen.update(prompts=prompts, completions=completions, ids=completion_ids, score=score, rest=rest)
+        return [0.0] * len(completions)
+
+    rows, completions = rows_and_completions()
+    trainer = trainer_with(model, tmp_path, completions, rewards=(spy,), shuffle_dataset=False)
+    next(trainer.batches(0))
+    assert seen["prompts"] == [rows[0]["prompt"]] * 3 + [rows[1]["prompt"]] * 3
+    assert seen["ids"] == completions
+    assert seen["completions"][0] == "w30 w31" and seen["score"][3] == rows[1]["score"]
+    seeds = [call[2] for call in model._engine.calls]
+    next(trainer.batches(0))
+    assert [call[2] for call in model._engine.calls][-1] == seeds[0]  # a rollout's seed depends on its position only
+
+
+# -- bad inputs --------------------------------------------------------------------------------------------------
+def raises_on_second(completions, **_):
+    if any("w45" in c for c in completions):
+        raise ValueError("cannot parse")
+    return [1.0] * len(completions)
+
+
+def wrong_length(completions, **_):
+    return [1.0]
+
+
+def nan_on_fourth(completions, **_):
+    return [float("nan") if i == 4 else 0.0 for i in range(len(completions))]
+
+
+@pytest.mark.parametrize("fn,words", [
+    (raises_on_second, ["raises_on_second", "ValueError", "cannot parse", "completion 4", "train row 1"]),
+    (wrong_length, ["wrong_length", "returned 1 values for 6 completions"]),
+    (nan_on_fourth, ["nan_on_fourth", "NaN", "completion 4", "train row 1"]),
+])
+def test_bad_reward_functions_stop_with_their_name_and_row(fn, words, tmp_path):
+    _, model = lora_model()
+    trainer = trainer_with(model, tmp_path, rows_and_completions()[1], rewards=(fn,), shuffle_dataset=False,
+                           per_device_train_batch_size=6, gradient_accumulation_steps=1)
+    with pytest.raises(GazelleError) as error:
+        next(trainer.batches(0))
+    for word in words:
+        assert word in str(error.value)
+
+
+def test_reward_errors_none_scores_failing_rows_none_and_counts_them(tmp_path):
+    _, model = lora_model()
+    trainer = trainer_with(model, tmp_path, rows_and_completions()[1], rewards=(raises_on_second, given_scores),
+                           shuffle_dataset=False, per_device_train_batch_size=6, gradient_accumulation_steps=1,
+                           reward_errors="none")
+    next(trainer.batches(0))
+    extras = trainer.log_extras()
+    assert extras["reward_failures"] == {"raises_on_second": 1}
+    assert extras["rewards/raises_on_second/mean"] == 1.0  # the five rows that succeeded
+
+
+def test_bad_datasets_and_configs(tmp_path):
+    _, model = lora_model()
+    tok = word_tokenizer()
+    with pytest.raises(GazelleError, match="no 'prompt' column.*question"):
+        GRPOTrainer(model, [given_scores], args=config(tmp_path), train_dataset=[{"question": "w3"}],
+                    processing_class=tok)
+    with pytest.raises(GazelleError, match="not divisible by num_generations=4"):
+        GRPOConfig(num_generations=4, per_device_train_batch_size=6)
+    with pytest.raises(GazelleError, match="loss_type 'ppo' is not one of grpo, bnpo, dr_grpo, dapo"):
+        GRPOConfig(loss_type="ppo")
+    rows, completions = rows_and_completions()
+    trainer = trainer_with(model, tmp_path, completions, max_prompt_length=3, overlong_prompts="error",
+                           shuffle_dataset=False)
+    with pytest.raises(GazelleError, match="train row 0: the prompt has 5 tokens, more than max_prompt_length=3"):
+        next(trainer.batches(0))
+
+
+def test_long_prompts_are_truncated_from_the_left_and_counted(tmp_path, capfd):
+    _, model = lora_model()
+    rows, completions = rows_and_completions()
+    trainer = trainer_with(model, tmp_path, completions, max_prompt_length=3, shuffle_dataset=False,
+                           per_device_train_batch_size=6, gradient_accumulation_steps=1)
+    next(trainer.batches(0))
+    prompts = model._engine.calls[0][0]
+    assert prompts[0] == word_tokenizer()("w12 w13 w14")["input_ids"] and len(prompts[1]) == 2
+    assert "1 of 2 prompts were longer than max_prompt_length=3" in capfd.readouterr().err
+
+
+def test_unsloth_batch_size_one_means_one_group():
+    args = GRPOConfig(per_device_train_batch_size=1, num_generations=6)
+    assert args.per_device_train_batch_size == 6 and args.generation_batch_size == 6
