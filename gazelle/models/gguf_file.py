@@ -121,6 +121,7 @@ def read_gguf_config(path: str) -> dict:
         config["sliding_window"] = window
 
     if arch in _GEMMA_27B_LAYERS:
+        config["hidden_activation"] = "gelu_pytorch_tanh"  # GGUF stores no activation: gemma's is GeGLU (tanh)
         depth_27b = config["num_hidden_layers"] == _GEMMA_27B_LAYERS[arch]
         config["query_pre_attn_scalar"] = hidden // heads if depth_27b else head_dim
         for key in ("attn_logit_softcapping", "final_logit_softcapping"):

@@ -147,3 +147,51 @@ class HFStyleMixin:
     def push_to_hub(self, *args, **kwargs):
         raise GazelleError("push_to_hub needs the Hugging Face hub, which this machine cannot reach; "
                            "save_pretrained to a folder and upload it from a connected machine")
+
+    def save_pretrained_merged(self, save_directory: str | os.PathLike, tokenizer=None, save_method: str = "merged_16bit",
+                               max_shard_size: int | str = "5GB", safe_serialization: bool = True,
+                               maximum_memory_usage: float = 0.75, base_weights: str | None = None,
+                               **unused) -> list[str]:
+        """Unsloth's save: LoRA merged into 16-bit weights ("merged_16bit"), into NF4 ("merged_4bit_forced"), or
+        the adapter alone ("lora"); returns the files written (see gazelle.export.merged.save_merged)."""
+        from gazelle.export.merged import save_merged
+
+        return save_merged(self, save_directory, tokenizer, save_method, max_shard_size, safe_serialization,
+                           maximum_memory_usage, base_weights)
+
+    def push_to_hub_merged(self, repo_id: str, tokenizer=None, save_method: str = "merged_16bit",
+                           token: str | None = None, private: bool | None = None, **kwargs) -> str:
+        """save_pretrained_merged into a hub repository (created when missing); returns its URL."""
+        from gazelle.export.merged import check_save_method, push_to_hub_folder
+
+        check_save_method(save_method)
+        return push_to_hub_folder(repo_id, token, private,
+                                  lambda folder: self.save_pretrained_merged(folder, tokenizer, save_method, **kwargs))
+
+    def save_pretrained_gguf(self, save_directory: str | os.PathLike, tokenizer=None,
+                             quantization_method: str | list[str] = "q8_0", system: str | None = None,
+                             dynamic=None, name: str | None = None, base_weights: str | None = None,
+                             **unused) -> list[str]:
+        """One GGUF per quantization method and an Ollama Modelfile (FROM the first) next to them; returns the paths.
+
+        system: the Modelfile's SYSTEM message; dynamic, name, base_weights: see gazelle.export.gguf_writer.export_gguf.
+        """
+        from gazelle.export.gguf_writer import export_gguf
+        from gazelle.export.modelfile import write_modelfile
+
+        tokenizer = tokenizer if tokenizer is not None else self.tokenizer
+        paths = export_gguf(self, tokenizer, save_directory, quantization_method, dynamic=dynamic, name=name,
+                            modelfile=False, base_weights=base_weights)
+        if tokenizer is None:
+            return paths
+        return [*paths, write_modelfile(save_directory, os.path.basename(paths[0]), tokenizer, system=system,
+                                        family=self.config.family)]
+
+    def push_to_hub_gguf(self, repo_id: str, tokenizer=None, quantization_method: str | list[str] = "q8_0",
+                         token: str | None = None, private: bool | None = None, **kwargs) -> str:
+        """save_pretrained_gguf into a hub repository (created when missing); returns its URL."""
+        from gazelle.export.merged import push_to_hub_folder
+
+        return push_to_hub_folder(
+            repo_id, token, private, lambda folder: self.save_pretrained_gguf(folder, tokenizer, quantization_method,
+                                                                              **kwargs))

@@ -1,0 +1,1 @@
+"""Saving and export: merged checkpoints, GGUF files and Ollama Modelfiles."""
