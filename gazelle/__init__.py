@@ -20,6 +20,10 @@ _EXPORTS = {
     "GazelleError": "gazelle.errors",
     "load": "gazelle.models.loading",
     "TextStreamer": "gazelle.generation.streamer",
+    "GRPOTrainer": "gazelle.trainers.grpo",
+    "GRPOConfig": "gazelle.trainers.grpo",
+    "SamplingParams": "gazelle.generation.requests",
+    "PatchFastRL": "gazelle.fast",
 }
 __all__ = list(_EXPORTS)
 

@@ -36,6 +36,10 @@ def _is_adapter(path: str) -> bool:
     return os.path.isdir(path) and os.path.isfile(os.path.join(path, "adapter_config.json"))
 
 
+def PatchFastRL(algorithm: str | None = None, FastLanguageModel=None) -> None:  # noqa: N802 - Unsloth's name
+    """Accepted for notebooks that call it: gazelle patches nothing; its trainers are fast as they are."""
+
+
 class FastLanguageModel:
     @staticmethod
     def from_pretrained(

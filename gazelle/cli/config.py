@@ -67,6 +67,12 @@ def _coerce(value: Any, annotation: Any, key: str) -> Any:
     return value
 
 
+def section(cls, **defaults):
+    """A nested config field whose defaults differ from `cls`'s own; a partial YAML section or an override
+    changes only the keys it names and keeps these defaults for the rest."""
+    return dataclasses.field(default_factory=lambda: cls(**defaults), metadata={"defaults": defaults})
+
+
 def build(cls, data: dict, prefix: str = ""):
     """An instance of dataclass `cls` from a (nested) mapping."""
     if not isinstance(data, dict):
@@ -80,7 +86,8 @@ def build(cls, data: dict, prefix: str = ""):
     for name, value in data.items():
         hint = hints[name]
         if dataclasses.is_dataclass(hint):
-            values[name] = build(hint, value or {}, f"{prefix}{name}.")
+            defaults = fields[name].metadata.get("defaults", {})
+            values[name] = build(hint, {**defaults, **(value or {})}, f"{prefix}{name}.")
         else:
             values[name] = _coerce(value, hint, prefix + name)
     return cls(**values)

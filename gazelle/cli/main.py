@@ -5,10 +5,10 @@ from __future__ import annotations
 import argparse
 import sys
 
-from gazelle.cli import chat, export, generate, info, sft
+from gazelle.cli import chat, export, generate, grpo, info, sft
 from gazelle.errors import GazelleError
 
-VERBS = {"info": info, "generate": generate, "chat": chat, "sft": sft, "export": export}
+VERBS = {"info": info, "generate": generate, "chat": chat, "sft": sft, "grpo": grpo, "export": export}
 
 
 def build_parser() -> argparse.ArgumentParser:

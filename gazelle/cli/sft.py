@@ -9,7 +9,7 @@ import argparse
 import os
 from dataclasses import dataclass, field
 
-from gazelle.cli.config import load_config, to_yaml
+from gazelle.cli.config import load_config, section, to_yaml
 from gazelle.cli.common import DTYPES, model_path
 from gazelle.errors import GazelleError
 from gazelle.trainers.sft import SFTConfig
@@ -66,7 +66,7 @@ class SFTRunConfig:
     model: ModelSection = field(default_factory=ModelSection)
     lora: LoraSection = field(default_factory=LoraSection)
     data: DataSection = field(default_factory=DataSection)
-    train: SFTConfig = field(default_factory=lambda: SFTConfig(output_dir="outputs/sft", max_steps=60))
+    train: SFTConfig = section(SFTConfig, output_dir="outputs/sft", max_steps=60)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -180,6 +180,15 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
     return model
 
 
+def adapter_values(model: nn.Module, directory: str | os.PathLike) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(adapter parameter, saved value) pairs of a saved adapter that fits the model's injected one."""
+    config, _ = read_adapter_config(directory)
+    if model.lora_config is None:
+        raise GazelleError(f"{directory}: the model has no LoRA adapters to load these values into")
+    weights_path = _required_file(directory, WEIGHTS_NAME)
+    return _match_tensors(model, config, dict(iter_safetensors(weights_path, torch.float32)), weights_path)
+
+
 def _match_tensors(model: nn.Module, config: LoraConfig, tensors: dict[str, torch.Tensor], path: str):
     """(model parameter, file tensor) pairs, after checking that every name and shape fits the injected model."""
     params = dict(model.named_parameters(remove_duplicate=False))  # a tied lm_head has its own key

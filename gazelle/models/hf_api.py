@@ -24,6 +24,9 @@ def left_padded(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[
     return input_ids.gather(1, order), attention_mask.gather(1, order)
 
 
+_LIVE = object()  # fast_generate's default lora_request: the adapters as they are
+
+
 class HFStyleMixin:
     @property
     def device(self) -> torch.device:
@@ -91,37 +94,99 @@ class HFStyleMixin:
         return self._engine
 
     def fast_generate(self, prompts, sampling_params=None, max_new_tokens: int = 256, n: int = 1,
-                      tokenizer=None, seed: int | None = None, **unused) -> list[str]:
+                      tokenizer=None, seed: int | None = None, lora_request=_LIVE, **unused) -> list[str]:
         """Texts for prompts given as strings or chat message lists (one prompt or a list of them).
 
-        sampling_params: gazelle's SamplingParams, or a dict with vLLM-style names (temperature, top_p, top_k,
-        min_p, repetition_penalty, max_tokens, n, seed). Completions come prompt-major, n per prompt.
+        sampling_params: gazelle's engine SamplingParams, gazelle.SamplingParams (vLLM's names: temperature,
+        top_p, top_k, min_p, repetition_penalty, max_tokens, n, seed, stop), or a dict of those names.
+        Completions come prompt-major, n per prompt; each is a str that also carries vLLM's `.outputs`.
+        lora_request: left out, the live weights (adapters as trained so far); a model.load_lora(path) request,
+        that saved adapter for this call; None, the base model alone (adapters disabled), as vLLM reads it.
         """
-        from gazelle.generation.sampling import SamplingParams
+        from gazelle.generation.requests import CompletionOutput, RequestOutput, SamplingParams, cut_at_stop
+        from gazelle.generation.sampling import SamplingParams as EngineParams
 
         tokenizer = tokenizer or self.tokenizer
         if tokenizer is None:
             raise GazelleError("fast_generate needs the tokenizer: load with FastLanguageModel.from_pretrained "
                                "or pass tokenizer=")
+        stop = None
         if isinstance(sampling_params, dict):
-            options = dict(sampling_params)
-            max_new_tokens = options.pop("max_tokens", max_new_tokens)
-            n, seed = options.pop("n", n), options.pop("seed", seed)
-            temperature = options.pop("temperature", 1.0)
-            sampling_params = SamplingParams(do_sample=temperature > 0, temperature=temperature, **options)
-        params = sampling_params or SamplingParams()
+            sampling_params = SamplingParams(**{"max_tokens": max_new_tokens, **sampling_params})
+        if isinstance(sampling_params, SamplingParams):
+            request = sampling_params
+            max_new_tokens = request.max_tokens or max_new_tokens
+            n, seed, stop = request.n, request.seed if request.seed is not None else seed, request.stop
+            params = request.engine_params()
+        else:
+            params = sampling_params or EngineParams()
         single = isinstance(prompts, str) or (prompts and isinstance(prompts[0], dict))
         prompts = [prompts] if single else list(prompts)
         ids = []
         for prompt in prompts:
             if isinstance(prompt, str):
-                ids.append(tokenizer(prompt)["input_ids"])
+                bos = tokenizer.bos_token
+                ids.append(tokenizer(prompt, add_special_tokens=not (bos and prompt.startswith(bos)))["input_ids"])
             else:
                 text = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
                 ids.append(tokenizer(text, add_special_tokens=False)["input_ids"])
         eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
-        completions = self.engine().generate(ids, max_new_tokens, params, n=n, eos_token_ids=eos, seed=seed)
-        return [tokenizer.decode(c, skip_special_tokens=True) for c in completions]
+        if isinstance(sampling_params, SamplingParams):
+            eos += list(sampling_params.stop_token_ids)
+        with self._adapter_for(lora_request):
+            completions = self.engine().generate(ids, max_new_tokens, params, n=n, eos_token_ids=eos, seed=seed)
+        outputs = []
+        for k, c in enumerate(completions):
+            text, stopped = cut_at_stop(tokenizer.decode(c, skip_special_tokens=True), stop)
+            ended = stopped or (bool(c) and c[-1] in eos)
+            outputs.append(CompletionOutput(k % n, text, c, "stop" if ended else "length"))
+        return [RequestOutput(o.text, prompts[k // n], outputs[(k // n) * n : (k // n + 1) * n])
+                for k, o in enumerate(outputs)]
+
+    def _adapter_for(self, lora_request):
+        """A context in which the model generates as `lora_request` asks (see fast_generate)."""
+        import contextlib
+
+        from gazelle.lora.inject import adapters_disabled, lora_parameters
+
+        if lora_request is _LIVE:
+            return contextlib.nullcontext()
+        if lora_request is None:
+            return adapters_disabled(self)
+
+        @contextlib.contextmanager
+        def swapped():
+            from gazelle.lora.peft_io import adapter_values
+
+            pairs = adapter_values(self, lora_request.lora_path)
+            saved = [p.detach().clone() for p in lora_parameters(self)]
+            try:
+                with torch.no_grad():
+                    for target, tensor in pairs:
+                        target.copy_(tensor)
+                yield
+            finally:
+                with torch.no_grad():
+                    for p, value in zip(lora_parameters(self), saved):
+                        p.copy_(value)
+
+        return swapped()
+
+    def save_lora(self, save_directory: str | os.PathLike) -> None:
+        """The LoRA adapter alone, in PEFT's format (Unsloth's name for save_pretrained of an adapter)."""
+        if self.lora_config is None:
+            raise GazelleError("save_lora: the model has no LoRA adapters (attach them with get_peft_model)")
+        from gazelle.lora.peft_io import save_adapter
+
+        save_adapter(self, save_directory, self.lora_config, self.name_or_path or "")
+
+    def load_lora(self, lora_path: str | os.PathLike, load_tensors: bool = False):
+        """A request to generate with a saved adapter: `fast_generate(..., lora_request=model.load_lora(path))`."""
+        from gazelle.generation.requests import LoRARequest
+        from gazelle.lora.peft_io import read_adapter_config
+
+        read_adapter_config(lora_path)  # a missing or broken folder fails here, by name
+        return LoRARequest(str(lora_path), os.path.basename(os.path.normpath(str(lora_path))))
 
     def save_pretrained(self, save_directory: str | os.PathLike, tokenizer=None, **unused) -> None:
         """The LoRA adapter in PEFT's format when adapters are attached, else the full weights + config.json."""

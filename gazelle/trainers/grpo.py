@@ -311,11 +311,11 @@ class GRPOTrainer(Trainer):
             for iteration in range(self.args.num_iterations):
                 # Whole groups are shuffled (so a micro-batch packs each prompt once), then cut into micro-batches.
                 groups = torch.randperm(n // G, generator=torch.Generator().manual_seed(seed + 1 + iteration))
-                order = [g_ * G + k for g_ in groups.tolist() for k in range(G)]
+                completions = [group * G + k for group in groups.tolist() for k in range(G)]
                 for k in range(splits):
                     if g * micro + iteration * splits + k < start:
                         continue
-                    chosen = order[k * size : (k + 1) * size]
+                    chosen = completions[k * size : (k + 1) * size]
                     if chosen:
                         yield self._collate(rollout, chosen)
 

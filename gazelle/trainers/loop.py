@@ -180,10 +180,14 @@ class Trainer:
             state = load_checkpoint(resume, model, optimizer, scheduler)
             self.global_step, position = state["global_step"], (state["epoch"], state["batch_in_epoch"])
             log.info("resumed from %s at step %d", resume, self.global_step)
+        metrics_path = os.path.join(args.output_dir, "metrics.jsonl")
+        if resume is None and os.path.exists(metrics_path):
+            os.remove(metrics_path)  # a fresh run starts a fresh record; a resumed one continues it
+        elif resume is not None:
+            _truncate_metrics(metrics_path, self.global_step)
         model.train()
         if args.gradient_checkpointing:  # otherwise keep what get_peft_model chose
             model.gradient_checkpointing = True
-        metrics_path = os.path.join(args.output_dir, "metrics.jsonl")
         stream = self._micro_batches(*position)
         window = {"loss": 0.0, "tokens": 0, "seen": 0, "steps": 0, "time": time.perf_counter()}
         with progress(total, self.global_step, disable=args.disable_tqdm) as bar:
@@ -302,6 +306,18 @@ class Trainer:
         fig.tight_layout()
         fig.savefig(os.path.join(self.args.output_dir, "loss.png"), dpi=100)
         plt.close(fig)
+
+
+def _truncate_metrics(path: str, step: int) -> None:
+    """Drop the records a killed run logged after its last checkpoint: the resumed run logs those steps again."""
+    if not os.path.exists(path):
+        return
+    with open(path) as f:
+        kept = [line for line in f if line.strip() and json.loads(line).get("step", 0) <= step]
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        f.writelines(kept)
+    os.replace(tmp, path)
 
 
 def _memory_gib() -> float:

@@ -1,9 +1,16 @@
 """GRPOTrainer: packed log-probs, one step against transformers + PEFT, learning, resume, bad inputs."""
 
 import itertools
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from gazelle.errors import GazelleError
 from gazelle.trainers.grpo import GRPOConfig, GRPOTrainer
@@ -239,3 +246,92 @@ def test_long_prompts_are_truncated_from_the_left_and_counted(tmp_path, capfd):
 def test_unsloth_batch_size_one_means_one_group():
     args = GRPOConfig(per_device_train_batch_size=1, num_generations=6)
     assert args.per_device_train_batch_size == 6 and args.generation_batch_size == 6
+
+
+# -- training on the real engine -------------------------------------------------------------------------------
+def low_ids(completion_ids, **_):
+    """The share of completion tokens from the lower half of the vocabulary: about 0.5 for a random model."""
+    return [sum(t < 128 for t in ids) / len(ids) for ids in completion_ids]
+
+
+def word_rows(n=8):
+    return [{"prompt": " ".join(f"w{10 + (i * 7 + k) % 200}" for k in range(3 + i % 4))} for i in range(n)]
+
+
+def test_grpo_raises_the_reward_it_is_given(tmp_path):
+    _, model = lora_model()
+    args = config(tmp_path, num_generations=8, per_device_train_batch_size=16, gradient_accumulation_steps=1,
+                  max_steps=30, learning_rate=0.1, temperature=1.0, max_completion_length=6, logging_steps=1)
+    trainer = GRPOTrainer(model, [low_ids], args=args, train_dataset=word_rows(), processing_class=word_tokenizer())
+    trainer.train()
+    rewards = [h["reward"] for h in trainer.reward_history]
+    assert len(rewards) == 30
+    first, last = sum(rewards[:5]) / 5, sum(rewards[-5:]) / 5
+    assert 0.35 < first < 0.65 and last > first + 0.25, rewards
+    assert os.path.isfile(tmp_path / "reward.png")
+
+
+KILLED_GRPO = textwrap.dedent("""
+    import os, signal, sys
+    sys.path.insert(0, {root!r})
+    import torch
+    torch.set_num_threads(1)
+    from gazelle.trainers.grpo import GRPOConfig, GRPOTrainer
+    from tests.trainers.test_grpo import lora_model, low_ids, word_rows, word_tokenizer
+
+    class KillDuringStep:
+        def on_step_begin(self, trainer):
+            if trainer.global_step == 5:  # step 6 is starting; the last checkpoint is step 4
+                os.kill(os.getpid(), signal.SIGKILL)
+
+    callbacks = [KillDuringStep()] if {kill} else []
+    args = GRPOConfig(output_dir=sys.argv[1], max_steps=8, save_steps=2, learning_rate=1e-2, seed=5,
+                      num_generations=4, per_device_train_batch_size=8, max_completion_length=5, disable_tqdm=True)
+    trainer = GRPOTrainer(lora_model()[1], [low_ids], args=args, train_dataset=word_rows(6),
+                          processing_class=word_tokenizer(), callbacks=callbacks)
+    trainer.train(resume_from_checkpoint=True)
+""")
+
+
+def run_grpo(output_dir, kill: bool) -> subprocess.CompletedProcess:
+    script = KILLED_GRPO.format(root=os.getcwd(), kill=kill)
+    return subprocess.run([sys.executable, "-c", script, str(output_dir)], capture_output=True, text=True, timeout=300)
+
+
+def test_resume_after_sigkill_restores_adapter_optimizer_data_and_metrics(tmp_path):
+    straight = run_grpo(tmp_path / "straight", kill=False)
+    assert straight.returncode == 0, straight.stderr
+    killed = run_grpo(tmp_path / "killed", kill=True)
+    assert killed.returncode == -signal.SIGKILL
+    steps = [json.loads(line)["step"] for line in open(tmp_path / "killed" / "metrics.jsonl")]
+    assert steps == [1, 2, 3, 4, 5]  # step 5 was logged, but its checkpoint never written
+    resumed = run_grpo(tmp_path / "killed", kill=False)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resumed from" in resumed.stderr and "checkpoint-4" in resumed.stderr
+    records = {name: [json.loads(line) for line in open(tmp_path / name / "metrics.jsonl")]
+               for name in ("straight", "killed")}
+    assert [r["step"] for r in records["killed"]] == list(range(1, 9))  # the stream continues from step 4
+    for a, b in zip(records["straight"], records["killed"]):
+        assert a["reward"] == b["reward"] and a["loss"] == b["loss"]  # same prompts, samples and updates
+    final_a = load_file(tmp_path / "straight" / "checkpoint-8" / "adapter_model.safetensors")
+    final_b = load_file(tmp_path / "killed" / "checkpoint-8" / "adapter_model.safetensors")
+    assert final_a.keys() == final_b.keys() and len(final_a) == 2 * 7 * 3
+    for name in final_a:
+        assert torch.equal(final_a[name], final_b[name]), f"{name} differs after resume"
+
+
+def test_an_epoch_visits_every_prompt_once_per_group(tmp_path):
+    _, model = lora_model()
+    seen = []
+
+    def spy(prompts, completions, **_):
+        seen.extend(prompts)
+        return [0.0] * len(completions)
+
+    rows = word_rows(7)  # 7 prompts, 2 per rollout: the last rollout holds one
+    args = config(tmp_path, num_generations=3, per_device_train_batch_size=6, gradient_accumulation_steps=1,
+                  max_completion_length=3)
+    trainer = GRPOTrainer(model, [spy], args=args, train_dataset=rows, processing_class=word_tokenizer())
+    batches = list(trainer.batches(0))
+    assert sorted(seen) == sorted(r["prompt"] for r in rows for _ in range(3))
+    assert len(batches) == trainer.num_batches() == 4
