@@ -45,7 +45,7 @@ class GRPORunConfig:
     lora: LoraSection = section(LoraSection, r=16, lora_alpha=32, use_gradient_checkpointing=False)
     task: TaskSection = field(default_factory=TaskSection)
     train: GRPOConfig = section(
-        GRPOConfig, output_dir="gazelle-grpo-demo", learning_rate=1e-4, max_steps=14, num_generations=8,
+        GRPOConfig, output_dir="gazelle-grpo-demo", learning_rate=1e-4, max_steps=18, num_generations=8,
         per_device_train_batch_size=32, max_completion_length=40, max_prompt_length=256, temperature=1.0,
         logging_steps=1, save_steps=5, save_total_limit=1, log_completions=True, num_completions_to_print=1,
         lr_scheduler_type="constant", seed=3407)

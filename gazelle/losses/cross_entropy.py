@@ -13,7 +13,7 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 IGNORE_INDEX = -100
-CHUNK_BYTES = 256 * 1024 * 1024  # float32 logits held at once
+CHUNK_BYTES = 64 * 1024 * 1024  # float32 logits held at once (a chunk's softmax temporaries are a few times this)
 
 
 def _chunk_log_probs(head: Callable[[torch.Tensor], torch.Tensor], hidden: torch.Tensor, targets: torch.Tensor,

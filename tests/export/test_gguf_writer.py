@@ -527,3 +527,35 @@ def test_vocabulary_is_padded_typed_and_its_problems_named(wide_llama, tmp_path,
                                                                                                       unk_token="a")))
         write_gguf(wide_llama, word_level, tmp_path / "x.gguf", "f16")
     assert sorted(os.listdir(tmp_path)) == ["v.gguf"]
+
+
+def test_llama_cpp_greedy_tokens_equal_gazelles_on_a_merged_fine_tune(smollm2_gguf, tmp_path):
+    """SmolLM2 with a LoRA adapter that moves its logits: the adapter merged into the f16 GGUF, llama.cpp's 20
+    greedy tokens equal gazelle's from base + adapter (unmerged)."""
+    from gazelle.generation.reference import generate
+    from gazelle.lora import LoraConfig, lora_parameters
+    from gazelle.lora.inject import inject_lora
+    from gazelle.models.loading import load
+
+    model, tokenizer = load(smollm2_gguf, dtype=torch.float32)
+    ids = chat_ids(tokenizer, "Name a fruit.")
+    before = model.logits(model(torch.tensor([ids])))[0, -1]
+    inject_lora(model, LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj", "down_proj"],
+                                  init_lora_weights=False))
+    with torch.no_grad():
+        for p in lora_parameters(model):
+            if p.shape[1] == 8:  # lora_B: small, so the model still speaks, but not zero
+                p.mul_(0.05)
+        after = model.logits(model(torch.tensor([ids])))[0, -1]
+    assert (after - before).abs().max() > 0.3  # the adapter changes what the model says
+    path = export_gguf(model, tokenizer, tmp_path, "f16")[0]
+    llm = llama_cpp_model(path)
+    ours = generate(model, torch.tensor([ids]), max_new_tokens=20)[0, len(ids):].tolist()
+    ours = ours[: ours.index(tokenizer.eos_token_id)] if tokenizer.eos_token_id in ours else ours
+    theirs = []
+    for token in llm.generate(ids, temp=0.0, top_k=1, top_p=1.0, min_p=0.0, repeat_penalty=1.0):
+        if token == llm.token_eos() or len(theirs) == 20:
+            break
+        theirs.append(token)
+    print(f"llama.cpp merged fine-tune: {tokenizer.decode(theirs)!r}")
+    assert theirs == ours, f"llama.cpp {tokenizer.decode(theirs)!r} vs gazelle {tokenizer.decode(ours)!r}"

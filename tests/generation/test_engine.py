@@ -63,17 +63,6 @@ def test_seeded_sampling_reproducible():
     assert len({tuple(r) for r in runs[0][:3]}) > 1, "the 3 samples of one prompt should differ"
 
 
-def test_release_gives_the_cache_memory_back_and_the_next_call_is_unchanged():
-    model = gazelle_model("qwen2")
-    engine = Engine(model, sync_every=4)
-    params = SamplingParams(do_sample=True, temperature=1.0)
-    first = engine.generate(prompts(), 12, params, n=2, seed=7)
-    engine.release()
-    assert all(t.untyped_storage().nbytes() == 0 for t in engine.cache.keys + engine.cache.values)
-    assert engine.generate(prompts(), 12, params, n=2, seed=7) == first
-    assert all(t.untyped_storage().nbytes() > 0 for t in engine.cache.keys)
-
-
 def test_smollm2_greedy_equals_reference(smollm2_gguf):
     from gazelle.models.loading import load
 
