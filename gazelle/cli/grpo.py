@@ -12,9 +12,8 @@ import os
 import time
 from dataclasses import dataclass, field
 
-from gazelle.cli.common import DTYPES, model_path
-from gazelle.cli.config import load_config, section, to_yaml
-from gazelle.cli.sft import LoraSection, ModelSection
+from gazelle.cli.config import section, to_yaml
+from gazelle.cli.sft import LoraSection, ModelSection, load_with_lora, read_config
 from gazelle.errors import GazelleError
 from gazelle.trainers.grpo import GRPOConfig
 
@@ -93,27 +92,12 @@ def _score_line(record: dict) -> str:
 
 
 def run(args: argparse.Namespace) -> None:
-    from gazelle.fast import FastLanguageModel
     from gazelle.trainers.grpo import GRPOTrainer
 
     started = time.perf_counter()
-    config_file, overrides = args.config, list(args.overrides)
-    if config_file and "=" in config_file and not os.path.isfile(config_file):  # only overrides were given
-        config_file, overrides = None, [config_file, *overrides]
-    cfg = load_config(GRPORunConfig, config_file, overrides)
-    if cfg.model.dtype is not None and cfg.model.dtype not in DTYPES:
-        raise GazelleError(f"model.dtype {cfg.model.dtype!r} is not one of {', '.join(DTYPES)}")
+    cfg = read_config(GRPORunConfig, args)
     train_rows, held_out, rewards = task_rows(cfg.task)
-    model, tokenizer = FastLanguageModel.from_pretrained(
-        model_path(cfg.model.name), max_seq_length=cfg.model.max_seq_length,
-        dtype=DTYPES.get(cfg.model.dtype or ""), load_in_4bit=cfg.model.load_in_4bit,
-        full_finetuning=cfg.model.full_finetuning)
-    if not cfg.model.full_finetuning:
-        lora = cfg.lora
-        model = FastLanguageModel.get_peft_model(
-            model, r=lora.r, target_modules=lora.target_modules, lora_alpha=lora.lora_alpha,
-            lora_dropout=lora.lora_dropout, bias=lora.bias, use_rslora=lora.use_rslora,
-            use_gradient_checkpointing=lora.use_gradient_checkpointing, random_state=lora.random_state)
+    model, tokenizer = load_with_lora(cfg.model, cfg.lora)
     train_args = cfg.train
     trainer = GRPOTrainer(model, rewards, args=train_args, train_dataset=train_rows, eval_dataset=held_out,
                           processing_class=tokenizer)

@@ -9,8 +9,8 @@ import argparse
 import os
 from dataclasses import dataclass, field
 
-from gazelle.cli.config import load_config, section, to_yaml
 from gazelle.cli.common import DTYPES, model_path
+from gazelle.cli.config import load_config, section, to_yaml
 from gazelle.errors import GazelleError
 from gazelle.trainers.sft import SFTConfig
 
@@ -99,26 +99,38 @@ def prepare_rows(cfg: DataSection, tokenizer) -> list[dict]:
     raise GazelleError(f"data.format {cfg.format!r} is not one of auto, text, conversations, alpaca")
 
 
-def run(args: argparse.Namespace) -> None:
-    from gazelle.fast import FastLanguageModel
-    from gazelle.trainers.sft import SFTTrainer
-
+def read_config(cls, args: argparse.Namespace):
+    """The run config of a verb from its CONFIG.yaml (optional) and section.field=value overrides."""
     config_file, overrides = args.config, list(args.overrides)
     if config_file and "=" in config_file and not os.path.isfile(config_file):  # only overrides were given
         config_file, overrides = None, [config_file, *overrides]
-    cfg = load_config(SFTRunConfig, config_file, overrides)
+    cfg = load_config(cls, config_file, overrides)
     if cfg.model.dtype is not None and cfg.model.dtype not in DTYPES:
         raise GazelleError(f"model.dtype {cfg.model.dtype!r} is not one of {', '.join(DTYPES)}")
+    return cfg
+
+
+def load_with_lora(model_cfg: ModelSection, lora: LoraSection):
+    """(model, tokenizer) as the model section says, with LoRA attached unless it asks for full fine-tuning."""
+    from gazelle.fast import FastLanguageModel
+
     model, tokenizer = FastLanguageModel.from_pretrained(
-        model_path(cfg.model.name), max_seq_length=cfg.model.max_seq_length,
-        dtype=DTYPES.get(cfg.model.dtype or ""), load_in_4bit=cfg.model.load_in_4bit,
-        full_finetuning=cfg.model.full_finetuning)
-    if not cfg.model.full_finetuning:
-        lora = cfg.lora
+        model_path(model_cfg.name), max_seq_length=model_cfg.max_seq_length,
+        dtype=DTYPES.get(model_cfg.dtype or ""), load_in_4bit=model_cfg.load_in_4bit,
+        full_finetuning=model_cfg.full_finetuning)
+    if not model_cfg.full_finetuning:
         model = FastLanguageModel.get_peft_model(
             model, r=lora.r, target_modules=lora.target_modules, lora_alpha=lora.lora_alpha,
             lora_dropout=lora.lora_dropout, bias=lora.bias, use_rslora=lora.use_rslora,
             use_gradient_checkpointing=lora.use_gradient_checkpointing, random_state=lora.random_state)
+    return model, tokenizer
+
+
+def run(args: argparse.Namespace) -> None:
+    from gazelle.trainers.sft import SFTTrainer
+
+    cfg = read_config(SFTRunConfig, args)
+    model, tokenizer = load_with_lora(cfg.model, cfg.lora)
     rows = prepare_rows(cfg.data, tokenizer)
     train_args = cfg.train
     if train_args.max_seq_length is None:

@@ -14,22 +14,15 @@ from safetensors.torch import load_file
 
 from gazelle.errors import GazelleError
 from gazelle.trainers.grpo import GRPOConfig, GRPOTrainer
-from tests.lora import (
+from tests.lora import (  # one_thread: an autouse fixture, used by being imported
     copy_lora_into_peft,
     model_pair,
+    one_thread,  # noqa: F401
     peft_config,
     peft_named,
     randomize_lora,
 )
 from tests.trainers.helpers import word_tokenizer
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 class FixedEngine:
