@@ -215,6 +215,7 @@ class GRPOTrainer(Trainer):
         if args.beta > 0 and model.lora_config is None:  # full fine-tuning: the reference is a frozen copy
             self.ref_model = copy.deepcopy(model).eval().requires_grad_(False)
         self._rollout_stats: list[dict] = []
+        self._window_started, self._window_tokens = time.perf_counter(), 0
         self._loss_stats: dict[str, float] = {}
         self.reward_history: list[dict] = []
 
@@ -580,6 +581,7 @@ class GRPOTrainer(Trainer):
                              ref_logp=batch.get("ref_logp"), max_completion_length=args.max_completion_length)
         stats = self._loss_stats
         mask = batch["completion_mask"].float()
+        self._window_tokens += int(batch["attention_mask"].sum())  # prompt once + completions: what was computed
         for key, value in result.stats.items():
             stats[key] = stats.get(key, 0.0) + float(value)
         stats["entropy"] = stats.get("entropy", 0.0) + float((entropy * mask).sum())
@@ -592,7 +594,11 @@ class GRPOTrainer(Trainer):
             keys = self._rollout_stats[0].keys()
             record = {k: sum(s[k] for s in self._rollout_stats) / len(self._rollout_stats) for k in keys}
             record["prompts_truncated"] = sum(s["prompts_truncated"] for s in self._rollout_stats)
+            generation = sum(s["generation_seconds"] for s in self._rollout_stats)
+            seconds = time.perf_counter() - self._window_started - generation
+            record["train_tokens_per_second"] = self._window_tokens / max(seconds, 1e-9)
         stats, self._loss_stats, self._rollout_stats = self._loss_stats, {}, []
+        self._window_started, self._window_tokens = time.perf_counter(), 0
         if stats:
             tokens = max(stats["tokens"], 1.0)
             record.update({"clip_ratio/low_mean": stats["clip_low"] / tokens,
@@ -611,6 +617,7 @@ class GRPOTrainer(Trainer):
             if "completions/mean_length" in record:
                 parts.append(f"length {record['completions/mean_length']:.0f}")
                 parts.append(f"gen {record['generation_tokens_per_second']:.0f} tok/s")
+                parts.append(f"train {record['train_tokens_per_second']:.0f} tok/s")
             log.info("step %d  %s", self.global_step, "  ".join(parts))
         for prompt, text, reward in getattr(self, "_samples", []) or []:
             question = prompt[-1]["content"] if isinstance(prompt, list) else prompt

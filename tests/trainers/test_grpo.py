@@ -328,3 +328,26 @@ def test_an_epoch_visits_every_prompt_once_per_group(tmp_path):
     batches = list(trainer.batches(0))
     assert sorted(seen) == sorted(r["prompt"] for r in rows for _ in range(3))
     assert len(batches) == trainer.num_batches() == 4
+
+
+def test_async_reward_functions_are_awaited_together(tmp_path):
+    import asyncio
+    import time
+
+    async def slow_ones(completions, **_):
+        await asyncio.sleep(0.4)
+        return [1.0] * len(completions)
+
+    async def slow_twos(completions, **_):
+        await asyncio.sleep(0.4)
+        return [2.0] * len(completions)
+
+    _, model = lora_model()
+    trainer = trainer_with(model, tmp_path, rows_and_completions()[1], rewards=(slow_ones, slow_twos, given_scores),
+                           shuffle_dataset=False, per_device_train_batch_size=6, gradient_accumulation_steps=1)
+    started = time.perf_counter()
+    next(trainer.batches(0))
+    assert time.perf_counter() - started < 0.75  # 0.4 s each, awaited at once
+    extras = trainer.log_extras()
+    assert extras["rewards/slow_ones/mean"] == 1.0 and extras["rewards/slow_twos/mean"] == 2.0
+    assert abs(extras["reward"] - (3.0 + sum([0.0, 1.0, 0.5, 2.0, 2.0, -1.0]) / 6)) < 1e-6
