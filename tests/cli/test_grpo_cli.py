@@ -1,6 +1,7 @@
 """gazelle grpo: a dataset file with named rewards, overrides on top of the demo's defaults, the summary printed."""
 
 import json
+import os
 import subprocess
 import sys
 
@@ -41,3 +42,12 @@ def test_grpo_config_errors_name_the_key(tmp_path):
     out = subprocess.run([sys.executable, "-m", "gazelle.cli.main", "grpo", "task.name=sudoku"],
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 2 and "unknown task 'sudoku'" in out.stderr and "arithmetic" in out.stderr
+
+
+def test_example_config_is_valid():
+    from gazelle.cli.config import load_config
+    from gazelle.cli.grpo import GRPORunConfig
+
+    example = os.path.join(os.path.dirname(__file__), "..", "..", "examples", "grpo_gsm8k.yaml")
+    cfg = load_config(GRPORunConfig, example, ["task.path=train.jsonl"])
+    assert cfg.task.name == "gsm8k" and cfg.train.generation_batch_size == 64 and cfg.lora.r == 32
