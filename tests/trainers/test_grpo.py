@@ -351,3 +351,33 @@ def test_async_reward_functions_are_awaited_together(tmp_path):
     extras = trainer.log_extras()
     assert extras["rewards/slow_ones/mean"] == 1.0 and extras["rewards/slow_twos/mean"] == 2.0
     assert abs(extras["reward"] - (3.0 + sum([0.0, 1.0, 0.5, 2.0, 2.0, -1.0]) / 6)) < 1e-6
+
+
+def test_reward_weights_scale_each_function_in_the_total(tmp_path):
+    def ones(completions, **_):
+        return [1.0] * len(completions)
+
+    _, model = lora_model()
+    trainer = trainer_with(model, tmp_path, rows_and_completions()[1], rewards=(ones, given_scores),
+                           shuffle_dataset=False, per_device_train_batch_size=6, gradient_accumulation_steps=1,
+                           reward_weights=[0.5, 2.0])
+    next(trainer.batches(0))
+    expected = 0.5 + 2.0 * sum([0.0, 1.0, 0.5, 2.0, 2.0, -1.0]) / 6
+    assert abs(trainer.log_extras()["reward"] - expected) < 1e-6
+    with pytest.raises(GazelleError, match="reward_weights has 1 values for 2 reward functions"):
+        trainer_with(model, tmp_path, [], rewards=(ones, given_scores), reward_weights=[1.0])
+
+
+def test_full_fine_tuning_with_beta_keeps_a_frozen_reference(tmp_path):
+    _, model = model_pair("llama")
+    model.requires_grad_(True)
+    rows, completions = rows_and_completions()
+    trainer = trainer_with(model, tmp_path, completions, beta=0.1, shuffle_dataset=False,
+                           per_device_train_batch_size=6, gradient_accumulation_steps=1, max_steps=1,
+                           learning_rate=1e-2)
+    assert trainer.ref_model is not None and not any(p.requires_grad for p in trainer.ref_model.parameters())
+    before = {n: p.detach().clone() for n, p in trainer.ref_model.named_parameters()}
+    trainer.train()
+    moved = any(not torch.equal(p, trainer.ref_model.get_parameter(n)) for n, p in model.named_parameters())
+    assert moved and all(torch.equal(before[n], p) for n, p in trainer.ref_model.named_parameters())
+    assert trainer.metrics[-1]["kl"] >= 0.0 and "kl" in trainer.reward_history[-1]
