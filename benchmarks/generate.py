@@ -36,6 +36,8 @@ def main() -> None:
     ap.add_argument("--4bit", dest="q4", action="store_true")
     ap.add_argument("--no-compile", dest="compile", action="store_false",
                     help="capture the eager decode step (default: torch.compile it first)")
+    ap.add_argument("--prefill-tokens", type=int, default=None,
+                    help="tokens per prefill forward (rows x chunk); default: the engine's")
     a = ap.parse_args()
     path = f"/tmp/hf_baseline_{a.shape}"
     model = load_model(path, dtype=torch.bfloat16, device="cuda", load_in_4bit=a.q4)
@@ -43,7 +45,7 @@ def main() -> None:
     torch.manual_seed(0)
     prompts = torch.randint(0, 150000, (a.batch, a.prompt)).tolist()
     params = SamplingParams(do_sample=True, temperature=1.0)
-    engine = Engine(model, compile=a.compile)
+    engine = Engine(model, compile=a.compile, **({"prefill_tokens": a.prefill_tokens} if a.prefill_tokens else {}))
     engine.generate([p[:16] for p in prompts], 8, params, seed=0)  # warm-up: kernels, graphs of every bucket used
     engine.generate(prompts, a.new, params, seed=0)
     torch.cuda.reset_peak_memory_stats()
@@ -61,7 +63,7 @@ def main() -> None:
         impl="gazelle" + ("" if a.compile else " (no compile)"), what="generate", shape=a.shape, q4=a.q4, batch=a.batch, prompt=a.prompt, new=a.new,
         s=round(min(times), 3), tok_s=round(a.batch * a.new / min(times)),
         peak_gib=round(torch.cuda.max_memory_allocated() / 2**30, 2), weights_gib=round(weights / 2**30, 2),
-        kv_cache_gib=round(kv_bytes / 2**30, 2))), flush=True)
+        kv_cache_gib=round(kv_bytes / 2**30, 2), prefill_tokens=engine.prefill_tokens)), flush=True)
 
 
 if __name__ == "__main__":

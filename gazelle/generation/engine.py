@@ -33,10 +33,11 @@ def bucket(n: int) -> int:
 
 class Engine:
     def __init__(self, model, prefill_chunk: int = 1024, sync_every: int = 16, cuda_graphs: bool | None = None,
-                 compile: bool | None = None):
+                 compile: bool | None = None, prefill_tokens: int = 2048):
         self.model = model
         self.config = model.config
         self.prefill_chunk = prefill_chunk
+        self.prefill_tokens = prefill_tokens
         self.sync_every = sync_every
         self.device = next(model.parameters()).device
         self.dtype = model.model.embed_tokens.weight.dtype
@@ -85,23 +86,37 @@ class Engine:
 
     # -- prefill -----------------------------------------------------------------------------
     def _prefill(self, sequences: list[list[int]]) -> torch.Tensor:
-        """Write the sequences into cache rows 0..P-1 (in chunks); returns their last logits (P, vocab)."""
+        """Write the sequences into cache rows 0..P-1 (in chunks); returns their last logits (P, vocab).
+
+        Each forward holds at most about prefill_tokens tokens (rows x chunk), so the activations of a large
+        batch of prompts never outgrow the KV cache they fill."""
         P, longest = len(sequences), max(len(s) for s in sequences)
         tokens = torch.zeros(P, longest, dtype=torch.long, device=self.device)
         for row, seq in enumerate(sequences):
             tokens[row, : len(seq)] = torch.tensor(seq, device=self.device)
         lengths = torch.tensor([len(s) for s in sequences], device=self.device)
         last = torch.zeros(P, self.config.hidden_size, dtype=self.dtype, device=self.device)
-        # LongRoPE picks its factors from the longest position of a call: one chunk keeps them consistent.
-        size = longest if self.config.rope.rope_type == "longrope" else self.prefill_chunk
-        for start in range(0, longest, size):
-            chunk = tokens[:, start : start + size]
-            slots = torch.arange(start, start + chunk.shape[1], device=self.device).expand(P, -1)
-            hidden = self._forward(chunk, slots, lengths)
-            # Keep the hidden state of each row's last real token when it falls in this chunk.
-            inside = (lengths - 1 >= start) & (lengths - 1 < start + chunk.shape[1])
-            picked = hidden[torch.arange(P, device=self.device), (lengths - 1 - start).clamp(0, chunk.shape[1] - 1)]
-            last = torch.where(inside[:, None], picked, last)
+        # LongRoPE picks its factors from the longest position of a call: one forward over every row keeps them
+        # consistent.
+        longrope = self.config.rope.rope_type == "longrope"
+        size = longest if longrope else min(self.prefill_chunk, longest)
+        group = P if longrope else max(1, self.prefill_tokens // size)
+        for first in range(0, P, group):
+            rows = slice(first, min(first + group, P))
+            B, reach = rows.stop - first, max(len(s) for s in sequences[rows])
+            self.cache.row_offset = first
+            try:
+                for start in range(0, reach, size):
+                    chunk = tokens[rows, start : start + size]
+                    slots = torch.arange(start, start + chunk.shape[1], device=self.device).expand(B, -1)
+                    hidden = self._forward(chunk, slots, lengths[rows])
+                    # Keep the hidden state of each row's last real token when it falls in this chunk.
+                    end = lengths[rows] - 1 - start
+                    inside = (end >= 0) & (end < chunk.shape[1])
+                    picked = hidden[torch.arange(B, device=self.device), end.clamp(0, chunk.shape[1] - 1)]
+                    last[rows] = torch.where(inside[:, None], picked, last[rows])
+            finally:
+                self.cache.row_offset = 0
         return self.model.logits(last)
 
     # -- decode ------------------------------------------------------------------------------

@@ -39,11 +39,14 @@ class StaticKVCache:
         self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
         self.rows, self.max_len = rows, max_len
         self.slots: torch.Tensor | None = None
+        self.row_offset = 0
+        """The forward's rows are cache rows row_offset.. (a prefill in groups of rows sets it; decode leaves 0)."""
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         B, T = self.slots.shape
         rows = torch.arange(B, device=k.device)[:, None].expand(B, T)
-        keys, values = self.keys[layer][:B], self.values[layer][:B]
+        first = self.row_offset
+        keys, values = self.keys[layer][first : first + B], self.values[layer][first : first + B]
         keys[rows, :, self.slots] = k.transpose(1, 2)  # (B, T, kv_heads, D) into their slots
         values[rows, :, self.slots] = v.transpose(1, 2)
         return keys, values

@@ -43,6 +43,17 @@ def test_greedy_equals_reference_with_n_samples(family):
     assert got == [seq for seq in expected for _ in range(2)], family
 
 
+@pytest.mark.parametrize("family", ["llama", "mistral", "gemma2"])
+def test_prefill_in_groups_of_rows_equals_reference(family):
+    """A token budget smaller than the batch splits the prefill into groups of rows (and chunks): same tokens."""
+    model = gazelle_model(family)
+    batch = prompts(seed=3, lengths=(9, 4, 13, 6, 11))
+    expected = reference_greedy(model, batch, 8)
+    engine = Engine(model, prefill_chunk=5, prefill_tokens=10)  # 2 rows x 5 tokens per forward
+    assert engine.generate(batch, max_new_tokens=8, n=2) == [seq for seq in expected for _ in range(2)]
+    assert engine.cache.row_offset == 0
+
+
 def test_eos_stops_and_compacts():
     model = gazelle_model("llama")
     batch = prompts(seed=1, lengths=(5, 9, 4, 11))
