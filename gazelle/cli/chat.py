@@ -14,9 +14,9 @@ from dataclasses import dataclass
 import torch
 
 from gazelle.cli.common import add_model_argument, model_path, pick_device, pick_dtype
-from gazelle.cli.generate import stop_tokens
 from gazelle.errors import GazelleError
 from gazelle.fast import FastLanguageModel
+from gazelle.generation.engine import stop_token_ids
 from gazelle.generation.reference import generate
 from gazelle.generation.sampling import SamplingParams
 from gazelle.generation.streamer import TextStreamer
@@ -55,7 +55,7 @@ def reply(model, tokenizer, messages: list[dict], params: ReplyParams, on_text: 
     """Generate the assistant's answer to `messages`, passing each new piece of text to on_text as it is made."""
     prompt = tokenizer(render(tokenizer, messages), add_special_tokens=False)["input_ids"]
     streamer = TextStreamer(tokenizer, write=on_text)
-    eos = stop_tokens(tokenizer, model.config)
+    eos = stop_token_ids(tokenizer, model.config)
 
     def on_token(token: torch.Tensor) -> None:
         if int(token[0]) not in eos:

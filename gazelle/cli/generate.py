@@ -8,6 +8,7 @@ import torch
 
 from gazelle.cli.common import add_model_argument, model_path, pick_device, pick_dtype
 from gazelle.errors import GazelleError
+from gazelle.generation.engine import stop_token_ids
 from gazelle.generation.reference import generate
 from gazelle.generation.sampling import SamplingParams
 from gazelle.generation.streamer import TextStreamer
@@ -41,12 +42,6 @@ def encode_prompt(tokenizer, prompt: str, chat: bool, system: str | None, source
     return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
-def stop_tokens(tokenizer, config) -> list[int]:
-    ids = {tokenizer.eos_token_id}
-    ids.update(config.eos_token_id if isinstance(config.eos_token_id, list) else [config.eos_token_id])
-    return sorted(i for i in ids if i is not None)
-
-
 def run(args: argparse.Namespace) -> None:
     if args.max_new_tokens < 1:
         raise GazelleError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
@@ -60,7 +55,7 @@ def run(args: argparse.Namespace) -> None:
     params = SamplingParams(do_sample=args.temperature > 0, temperature=args.temperature, top_p=args.top_p,
                             top_k=args.top_k, min_p=args.min_p)
     streamer = TextStreamer(tokenizer)
-    eos = stop_tokens(tokenizer, model.config)
+    eos = stop_token_ids(tokenizer, model.config)
     generator = torch.Generator(device=device).manual_seed(args.seed)
 
     def on_token(token: torch.Tensor) -> None:

@@ -325,6 +325,22 @@ def format_conversations(rows_or_batch, tokenizer, column: str = "conversations"
     return [tokenizer.apply_chat_template(c, tokenize=False, add_generation_prompt=False) for c in conversations]
 
 
+def prompt_token_ids(tokenizer, prompt) -> list[int]:
+    """A prompt's token ids for generation: a chat (message list) through the chat template with the generation
+    prompt; a string as it is, with the tokenizer's special tokens unless it already starts with BOS."""
+    if isinstance(prompt, str):
+        bos = tokenizer.bos_token
+        return tokenizer(prompt, add_special_tokens=not (bos and prompt.startswith(bos)))["input_ids"]
+    if not isinstance(prompt, list):
+        raise GazelleError(f"'prompt' is a {type(prompt).__name__}; use a string or a list of {{'role', 'content'}} "
+                           "messages")
+    if not tokenizer.chat_template:
+        raise GazelleError("the prompt is a chat but the tokenizer has no chat template; set one with "
+                           "gazelle.chat_templates.get_chat_template")
+    text = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
 def _find(ids: list[int], part: list[int], start: int) -> bool:
     return ids[start:start + len(part)] == part
 

@@ -273,6 +273,13 @@ class Engine:
         return new
 
 
+def stop_token_ids(tokenizer, config) -> list[int]:
+    """The ids that end a completion: the tokenizer's EOS and every eos_token_id the model config names."""
+    ids = {tokenizer.eos_token_id}
+    ids.update(config.eos_token_id if isinstance(config.eos_token_id, list) else [config.eos_token_id])
+    return sorted(i for i in ids if i is not None)
+
+
 def _until_eos(tokens: list[int], eos_token_ids: Sequence[int]) -> list[int]:
     for i, token in enumerate(tokens):
         if token in eos_token_ids:

@@ -103,6 +103,7 @@ class HFStyleMixin:
         lora_request: left out, the live weights (adapters as trained so far); a model.load_lora(path) request,
         that saved adapter for this call; None, the base model alone (adapters disabled), as vLLM reads it.
         """
+        from gazelle.data.chat_templates import prompt_token_ids
         from gazelle.generation.requests import CompletionOutput, RequestOutput, SamplingParams, cut_at_stop
         from gazelle.generation.sampling import SamplingParams as EngineParams
 
@@ -122,14 +123,7 @@ class HFStyleMixin:
             params = sampling_params or EngineParams()
         single = isinstance(prompts, str) or (prompts and isinstance(prompts[0], dict))
         prompts = [prompts] if single else list(prompts)
-        ids = []
-        for prompt in prompts:
-            if isinstance(prompt, str):
-                bos = tokenizer.bos_token
-                ids.append(tokenizer(prompt, add_special_tokens=not (bos and prompt.startswith(bos)))["input_ids"])
-            else:
-                text = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
-                ids.append(tokenizer(text, add_special_tokens=False)["input_ids"])
+        ids = [prompt_token_ids(tokenizer, prompt) for prompt in prompts]
         eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
         if isinstance(sampling_params, SamplingParams):
             eos += list(sampling_params.stop_token_ids)

@@ -30,7 +30,9 @@ from dataclasses import dataclass
 
 import torch
 
+from gazelle.data.chat_templates import prompt_token_ids
 from gazelle.errors import GazelleError
+from gazelle.generation.engine import stop_token_ids
 from gazelle.generation.sampling import SamplingParams
 from gazelle.losses.cross_entropy import token_log_probs
 from gazelle.losses.grpo import (
@@ -209,7 +211,7 @@ class GRPOTrainer(Trainer):
         self.reward_weights = torch.tensor(weights, dtype=torch.float32)
         self.train_rows = self._rows(train_dataset, "train_dataset")
         self.eval_rows = self._rows(eval_dataset, "eval_dataset") if eval_dataset is not None else None
-        self.eos = self._stop_ids()
+        self.eos = stop_token_ids(self.tokenizer, model.config)
         self._prompt_cache: dict[tuple[str, int], list[int]] = {}
         self.ref_model = None
         if args.beta > 0 and model.lora_config is None:  # full fine-tuning: the reference is a frozen copy
@@ -217,6 +219,8 @@ class GRPOTrainer(Trainer):
         self._rollout_stats: list[dict] = []
         self._window_started, self._window_tokens = time.perf_counter(), 0
         self._loss_stats: dict[str, float] = {}
+        self._reward_failures: dict[str, int] = {}
+        self._samples: list[tuple] = []
         self.reward_history: list[dict] = []
 
     # -- set-up -------------------------------------------------------------------------------
@@ -249,29 +253,14 @@ class GRPOTrainer(Trainer):
                                "completions for each row's prompt: a string or a list of chat messages")
         return rows
 
-    def _stop_ids(self) -> list[int]:
-        ids = {self.tokenizer.eos_token_id}
-        eos = self.model.config.eos_token_id
-        ids.update(eos if isinstance(eos, list) else [eos])
-        return sorted(i for i in ids if i is not None)
-
     def _prompt_ids(self, split: str, index: int, prompt) -> tuple[list[int], bool]:
         """Token ids of a row's prompt (cached) and whether they were truncated."""
         key = (split, index)
         if key not in self._prompt_cache:
-            tok = self.tokenizer
-            if isinstance(prompt, list):
-                if not tok.chat_template:
-                    raise GazelleError(f"{split} row {index}: the prompt is a chat but the tokenizer has no chat "
-                                       "template; set one with gazelle.chat_templates.get_chat_template")
-                text = tok.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
-                ids = tok(text, add_special_tokens=False)["input_ids"]
-            elif isinstance(prompt, str):
-                bos = tok.bos_token
-                ids = tok(prompt, add_special_tokens=not (bos and prompt.startswith(bos)))["input_ids"]
-            else:
-                raise GazelleError(f"{split} row {index}: 'prompt' is a {type(prompt).__name__}; use a string or a "
-                                   "list of {'role', 'content'} messages")
+            try:
+                ids = prompt_token_ids(self.tokenizer, prompt)
+            except GazelleError as e:
+                raise GazelleError(f"{split} row {index}: {e}") from None
             if not ids:
                 raise GazelleError(f"{split} row {index}: the prompt is empty")
             self._prompt_cache[key] = ids
@@ -376,7 +365,6 @@ class GRPOTrainer(Trainer):
                 except Exception as error:  # noqa: BLE001 - a user's function; reported with its row below
                     results[i] = error
         scores = torch.full((N, len(self.reward_funcs)), float("nan"))
-        self._reward_failures = getattr(self, "_reward_failures", {})
         for i, (fn, result) in enumerate(zip(self.reward_funcs, results)):
             name = _name(fn)
             if isinstance(result, BaseException):
@@ -607,7 +595,7 @@ class GRPOTrainer(Trainer):
                            "entropy": stats["entropy"] / tokens})
             if self.args.beta > 0:
                 record["kl"] = stats["kl"] / tokens
-        if getattr(self, "_reward_failures", None):
+        if self._reward_failures:
             record["reward_failures"] = dict(self._reward_failures)
         if record:
             self.reward_history.append({"step": self.global_step, **record})
@@ -619,7 +607,7 @@ class GRPOTrainer(Trainer):
                 parts.append(f"gen {record['generation_tokens_per_second']:.0f} tok/s")
                 parts.append(f"train {record['train_tokens_per_second']:.0f} tok/s")
             log.info("step %d  %s", self.global_step, "  ".join(parts))
-        for prompt, text, reward in getattr(self, "_samples", []) or []:
+        for prompt, text, reward in self._samples:
             question = prompt[-1]["content"] if isinstance(prompt, list) else prompt
             log.info("  sample (reward %.2f)  %s\n    -> %s", reward, question[-120:].replace("\n", " "),
                      text[:300].replace("\n", " | "))
