@@ -7,8 +7,6 @@ apply the lm_head through `Decoder.logits` (or chunk it inside a loss).
 
 from __future__ import annotations
 
-import contextlib
-
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -16,6 +14,7 @@ from torch.utils.checkpoint import checkpoint
 
 from gazelle.models.config import DecoderConfig
 from gazelle.models.hf_api import HFStyleMixin
+from gazelle.models.offload import ActivationOffloader, offloaded_checkpoint
 from gazelle.models.rope import RotaryTables, apply_rotary
 
 
@@ -186,7 +185,8 @@ class Decoder(HFStyleMixin, nn.Module):
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self.gradient_checkpointing = False
         self.checkpoint_offload = False
-        """With gradient checkpointing, keep the saved layer inputs in CPU memory ("unsloth" mode, GPU only)."""
+        """With gradient checkpointing, keep the saved layer inputs in CPU memory ("unsloth" mode)."""
+        self._offloader = ActivationOffloader()
         self.name_or_path: str | None = None
         """Where the weights came from: recorded in saved adapters as their base model."""
         self.lora_config = None
@@ -243,16 +243,17 @@ class Decoder(HFStyleMixin, nn.Module):
             h = h * torch.tensor(cfg.embed_scale, dtype=h.dtype)
         tables = {rope: table(position_ids, h.dtype) for rope, table in self._rotary.items()}
         checkpointing = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
-        offload = checkpointing and self.checkpoint_offload and h.is_cuda
-        # With checkpointing only each layer's inputs stay saved; "unsloth" mode parks them in pinned CPU memory.
-        with torch.autograd.graph.save_on_cpu(pin_memory=True) if offload else contextlib.nullcontext():
-            for i, layer in enumerate(self.model.layers):
-                cos, sin = tables[cfg.rope_for(i)]
-                mask = masks[cfg.window(i)]
-                if checkpointing:
-                    h = checkpoint(layer, h, cos, sin, mask, cache, use_reentrant=False)
-                else:
-                    h = layer(h, cos, sin, mask, cache)
+        # With checkpointing only each layer's input stays saved; "unsloth" mode parks it in CPU memory too.
+        session = self._offloader.session() if checkpointing and self.checkpoint_offload else None
+        for i, layer in enumerate(self.model.layers):
+            cos, sin = tables[cfg.rope_for(i)]
+            mask = masks[cfg.window(i)]
+            if session is not None:
+                h = offloaded_checkpoint(layer, session, i, h, cos, sin, mask, cache)
+            elif checkpointing:
+                h = checkpoint(layer, h, cos, sin, mask, cache, use_reentrant=False)
+            else:
+                h = layer(h, cos, sin, mask, cache)
         return self.model.norm(h)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:

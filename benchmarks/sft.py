@@ -1,0 +1,192 @@
+"""SFT step speed and memory: gazelle next to HF+PEFT (+bitsandbytes) on the DESIGN.md training rows. GPU only.
+
+From the repository root on the device machine, with ../shared/bench copied to .bench/ and bitsandbytes unpacked
+(its CUDA 13 and CPU libraries only) in .bench/site:
+
+    PYTHONPATH=. python3 benchmarks/sft.py                        # the four DESIGN rows, both libraries, a table
+    PYTHONPATH=. python3 benchmarks/sft.py gazelle:llama8b:2x2048:4bit hf:llama8b:2x2048:4bit
+    PYTHONPATH=. python3 benchmarks/sft.py --longest 65536,131072,262144,400000   # llama-8B QLoRA, batch 1
+
+SPEC = impl:shape:BATCHxSEQ[:4bit][:ckpt=off|on|unsloth]. Each runs in a process of its own, so each peak is its
+own. Both libraries load the random weights ../shared/bench/hf_baseline.py saves (/tmp/hf_baseline_SHAPE; built
+here the same way if missing), train LoRA r=32 alpha=32 dropout 0 on q,k,v,o,gate,up,down with torch AdamW
+lr 1e-4 on the same tokens (torch.manual_seed(0); randint(0, 150000, (B, S)) on cuda, labels = the ids), six
+steps; the step time is the median of steps 3-6; peak = torch.cuda.max_memory_allocated; the loss printed is the
+last step's (and the first step's for gazelle: the adapters start at zero, so it is the base model's loss).
+gazelle trains as its SFTTrainer does (hidden states, then the chunked lm_head + cross-entropy), with the
+checkpointing mode get_peft_model defaults to ("unsloth": layer inputs offloaded to CPU) unless ckpt= says.
+
+--longest: one process, gazelle QLoRA batch 1 on the llama-8B shape, one full training step (forward, backward,
+optimizer) per length in the list, ascending, stopping at the first that runs out of memory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BENCH = os.path.join(ROOT, ".bench")
+sys.path.insert(0, ROOT)
+sys.path.insert(0, BENCH)
+
+from shapes import LORA_TARGETS, SHAPES  # noqa: E402 (.bench/shapes.py, beside the baseline)
+
+DEFAULT = [f"{impl}:{shape}:{size}{q}" for shape, size in (("llama8b", "2x2048"), ("qwen1.5b", "8x1024"))
+           for q in ("", ":4bit") for impl in ("gazelle", "hf")]
+STEPS, WARMUP = 6, 2
+
+
+def parse(spec: str) -> dict:
+    impl, shape, size, *flags = spec.split(":")
+    batch, seq = (int(n) for n in size.split("x"))
+    if impl not in ("gazelle", "hf") or shape not in SHAPES:
+        raise SystemExit(f"bad SPEC {spec!r}: impl gazelle|hf, shape one of {sorted(SHAPES)}")
+    ckpt = next((f.split("=", 1)[1] for f in flags if f.startswith("ckpt=")), "unsloth")
+    return dict(impl=impl, shape=shape, batch=batch, seq=seq, q4="4bit" in flags, ckpt=ckpt, spec=spec)
+
+
+def model_dir(shape: str) -> str:
+    """The baseline's saved random weights; written here exactly as hf_baseline.build writes them if missing."""
+    path = f"/tmp/hf_baseline_{shape}"
+    if not os.path.exists(f"{path}/config.json"):
+        import transformers
+
+        cfg = transformers.AutoConfig.for_model(**SHAPES[shape])
+        torch.manual_seed(0)
+        with torch.device("cuda"):
+            model = transformers.AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16)
+        model.save_pretrained(path)
+        del model
+        torch.cuda.empty_cache()
+    return path
+
+
+def gazelle_model(shape: str, q4: bool, ckpt: str):
+    from gazelle import FastLanguageModel
+    from gazelle.models.loading import load_model
+
+    model = load_model(model_dir(shape), dtype=torch.bfloat16, device="cuda", load_in_4bit=q4)
+    mode = {"off": False, "on": True, "unsloth": "unsloth"}[ckpt]
+    return FastLanguageModel.get_peft_model(model, r=32, lora_alpha=32, lora_dropout=0.0,
+                                            target_modules=LORA_TARGETS, use_gradient_checkpointing=mode)
+
+
+def train_step(model, optimizer, ids: torch.Tensor) -> float:
+    """One optimizer step as gazelle's SFTTrainer takes it: token-mean next-token cross-entropy."""
+    from gazelle.losses.cross_entropy import cross_entropy_sum
+
+    hidden = model(ids)
+    loss_sum, count = cross_entropy_sum(model.logits, hidden[:, :-1], ids[:, 1:], model.config.vocab_size)
+    loss = loss_sum / count
+    loss.backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return loss.detach()
+
+
+def run_gazelle(case: dict) -> dict:
+    model = gazelle_model(case["shape"], case["q4"], case["ckpt"]).train()
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    torch.manual_seed(0)
+    ids = torch.randint(0, 150000, (case["batch"], case["seq"]), device="cuda")
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    times, losses = [], []
+    for _ in range(STEPS):
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        losses.append(train_step(model, optimizer, ids))
+        torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    step = sorted(times[WARMUP:])[len(times[WARMUP:]) // 2]
+    return dict(step_s=round(step, 4), tok_s=round(case["batch"] * case["seq"] / step),
+                loss=round(losses[-1].item(), 4), first_loss=round(losses[0].item(), 4),
+                peak_gib=round(torch.cuda.max_memory_allocated() / 2**30, 2))
+
+
+def run_case(case: dict) -> dict:
+    """Runs one SPEC in a child process and returns its RESULT."""
+    if case["impl"] == "hf":
+        model_dir(case["shape"])
+        cmd = [sys.executable, "hf_baseline.py", "sft", case["shape"], str(case["batch"]), str(case["seq"])]
+        cmd += ["--4bit"] if case["q4"] else []
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join([os.path.join(BENCH, "site"), os.environ.get("PYTHONPATH", "")])}
+        cwd = BENCH
+    else:
+        cmd = [sys.executable, os.path.abspath(__file__), "--child", case["spec"]]
+        env, cwd = os.environ, ROOT
+    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True)
+    line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
+    if line is None:
+        tail = (proc.stdout + proc.stderr)[-1500:]
+        return dict(spec=case["spec"], error=tail.strip().splitlines()[-1] if tail.strip() else "no output",
+                    log=tail)
+    return {**json.loads(line[len("RESULT "):]), "spec": case["spec"]}
+
+
+def longest(lengths: list[int]) -> None:
+    """Full QLoRA steps at batch 1 on the llama-8B shape at each length until one runs out of memory."""
+    model = gazelle_model("llama8b", True, "unsloth").train()
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    for length in lengths:
+        torch.manual_seed(0)
+        ids = torch.randint(0, 150000, (1, length), device="cuda")
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+        start = time.perf_counter()
+        try:
+            loss = train_step(model, optimizer, ids).item()
+        except torch.OutOfMemoryError:
+            optimizer.zero_grad(set_to_none=True)
+            print("RESULT", json.dumps(dict(length=length, fits=False)), flush=True)
+            break
+        torch.cuda.synchronize()
+        print("RESULT", json.dumps(dict(length=length, fits=True, loss=round(loss, 4),
+                                        step_s=round(time.perf_counter() - start, 1),
+                                        peak_gib=round(torch.cuda.max_memory_allocated() / 2**30, 2))), flush=True)
+        del ids
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("specs", nargs="*", default=DEFAULT)
+    ap.add_argument("--child", help=argparse.SUPPRESS)
+    ap.add_argument("--longest", help="comma-separated context lengths for the llama-8B QLoRA batch-1 search")
+    a = ap.parse_args()
+    if a.child:
+        case = parse(a.child)
+        res = dict(impl="gazelle", shape=case["shape"], q4=case["q4"], batch=case["batch"], seq=case["seq"],
+                   ckpt=case["ckpt"])
+        print("RESULT", json.dumps({**res, **run_gazelle(case)}), flush=True)
+        return
+    if a.longest:
+        longest([int(n) for n in a.longest.split(",")])
+        return
+    results = []
+    for spec in a.specs:
+        res = run_case(parse(spec))
+        print(json.dumps(res), flush=True)
+        results.append(res)
+    print("\n| spec | tok/s | peak GiB | loss | step s |\n|---|---|---|---|---|")
+    for r in results:
+        if "error" in r:
+            print(f"| {r['spec']} | error: {r['error'][:80]} | | | |")
+        else:
+            print(f"| {r['spec']} | {r['tok_s']:,} | {r['peak_gib']} | {r['loss']} | {r['step_s']} |")
+    by = {(r["spec"].split(":", 1)[1]): r for r in results if r.get("impl") == "hf+peft"}
+    for r in results:
+        ref = by.get(r["spec"].split(":", 1)[1].replace(":ckpt=off", "").replace(":ckpt=on", "").replace(":ckpt=unsloth", ""))
+        if r.get("impl") == "gazelle" and ref:
+            print(f"{r['spec']}: {r['tok_s'] / ref['tok_s']:.2f}x HF tokens/s, {r['peak_gib'] / ref['peak_gib']:.2f}x its "
+                  f"memory, loss {r['loss']} vs {ref['loss']} ({abs(r['loss'] / ref['loss'] - 1):.2%})")
+
+
+if __name__ == "__main__":
+    main()

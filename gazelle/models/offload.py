@@ -1,0 +1,148 @@
+"""Offloaded activation checkpointing ("unsloth" mode): each layer's input parked in pinned CPU memory.
+
+With checkpointing, a layer keeps only its input for backward, which recomputes the layer from it. Here that
+input leaves the GPU as well: forward copies it to a pinned CPU buffer on a side stream (the copy engine runs
+while the next layers compute), and backward copies it back the same way, the copy for layer i - 1 starting
+as soon as layer i's recomputation is queued, so it overlaps layer i's backward. GPU memory then holds no
+per-layer activations at all: one layer's recomputation and its gradients at a time.
+
+Ordering on the GPU (streams: `compute` = the current one, `side` = the copy stream):
+- save: side waits for compute (the input is written), copies GPU -> pinned; the input's block is marked as used
+  by side (record_stream) so the allocator does not hand it out before the copy has read it.
+- prefetch: side waits for compute, copies pinned -> a block allocated on compute; an event marks the end.
+- load: compute waits for that event. The block is freed on compute after that, so it needs no record_stream.
+The pinned buffers are kept across steps (pinning memory is slow) and grow when a longer input comes.
+
+On the CPU (tests) the same autograd path runs with plain copies and no streams.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+class ActivationOffloader:
+    """The pinned CPU buffers and the copy stream, shared by the forward passes of one model.
+
+    Each forward pass takes a `session()`: its own record of which layer input sits where, so two forward
+    passes whose backwards come later (or interleave) never overwrite each other's inputs. Buffers go back to
+    the pool when their input has been loaded; all copies run in order on the one side stream, so a buffer
+    handed out again is written only after the copy reading it has finished.
+    """
+
+    def __init__(self):
+        self._free: list[torch.Tensor] = []  # flat pinned buffers not holding anything
+        self._stream: torch.cuda.Stream | None = None
+
+    def session(self) -> OffloadSession:
+        return OffloadSession(self)
+
+    def take(self, x: torch.Tensor) -> torch.Tensor:
+        """A free buffer holding at least x's elements in x's dtype, viewed as x's shape."""
+        fits = [b for b in self._free if b.dtype == x.dtype and b.numel() >= x.numel()]
+        if fits:
+            buf = min(fits, key=torch.Tensor.numel)
+            self._free.remove(buf)
+        else:
+            buf = torch.empty(x.numel(), dtype=x.dtype, pin_memory=x.is_cuda)
+        return buf
+
+    def give_back(self, buf: torch.Tensor) -> None:
+        self._free.append(buf)
+
+    def side(self, device: torch.device) -> torch.cuda.Stream:
+        if self._stream is None or self._stream.device != device:
+            self._stream = torch.cuda.Stream(device)
+        return self._stream
+
+
+class OffloadSession:
+    """The layer inputs of one forward pass: saved on the way forward, loaded (and prefetched) on the way back."""
+
+    def __init__(self, offloader: ActivationOffloader):
+        self.offloader = offloader
+        self._saved: dict[int, tuple[torch.Tensor, torch.Size, torch.device]] = {}  # layer -> (buffer, shape, device)
+        self._loading: dict[int, tuple[torch.Tensor, torch.cuda.Event | None]] = {}
+
+    def save(self, layer: int, x: torch.Tensor) -> None:
+        """Start copying x out to a pinned buffer; x may be freed by its owner right after."""
+        buf = self.offloader.take(x)
+        self._saved[layer] = (buf, x.shape, x.device)
+        home = buf[: x.numel()].view(x.shape)
+        if not x.is_cuda:
+            home.copy_(x)
+            return
+        side = self.offloader.side(x.device)
+        side.wait_stream(torch.cuda.current_stream(x.device))
+        with torch.cuda.stream(side):
+            home.copy_(x, non_blocking=True)
+        x.record_stream(side)
+
+    def prefetch(self, layer: int) -> None:
+        """Start copying layer's input back to its device (no-op if under way or never saved)."""
+        if layer not in self._saved or layer in self._loading:
+            return
+        buf, shape, device = self._saved[layer]
+        home = buf[: shape.numel()].view(shape)
+        if device.type != "cuda":
+            self._loading[layer] = (home.clone(), None)
+            return
+        compute = torch.cuda.current_stream(device)
+        x = torch.empty(shape, dtype=buf.dtype, device=device)  # allocated on compute, freed there after use
+        side = self.offloader.side(device)
+        side.wait_stream(compute)
+        with torch.cuda.stream(side):
+            x.copy_(home, non_blocking=True)
+            done = torch.cuda.Event()
+            done.record(side)
+        self._loading[layer] = (x, done)
+
+    def load(self, layer: int) -> torch.Tensor:
+        """Layer's input back on its device, ready for the current stream; prefetches layer - 1's."""
+        self.prefetch(layer)
+        x, done = self._loading.pop(layer)
+        buf, _, _ = self._saved.pop(layer)
+        self.offloader.give_back(buf)
+        if done is not None:
+            torch.cuda.current_stream(x.device).wait_event(done)
+        self.prefetch(layer - 1)
+        return x
+
+
+class _OffloadedCheckpoint(torch.autograd.Function):
+    """out = run(x, *args) without saving anything on the GPU; backward reloads x and recomputes.
+
+    `anchor` is an empty tensor that requires grad, so the node is in the graph even when x does not need a
+    gradient (the first layer's input, from a frozen embedding): the parameters inside `run` still get theirs,
+    accumulated by the inner backward as reentrant checkpointing does.
+    """
+
+    @staticmethod
+    def forward(ctx, run, offloader: OffloadSession, layer: int, anchor, x, *args):
+        ctx.run, ctx.offloader, ctx.layer, ctx.args = run, offloader, layer, args
+        ctx.x_needs_grad = x.requires_grad
+        ctx.cpu_rng = torch.get_rng_state()
+        ctx.cuda_rng = torch.cuda.get_rng_state(x.device) if x.is_cuda else None
+        offloader.save(layer, x)
+        with torch.no_grad():
+            return run(x, *args)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x = ctx.offloader.load(ctx.layer).requires_grad_(ctx.x_needs_grad)
+        # The recomputation draws the same random numbers as the forward did (LoRA dropout).
+        devices = [x.device] if x.is_cuda else []
+        with torch.random.fork_rng(devices=devices):
+            torch.set_rng_state(ctx.cpu_rng)
+            if ctx.cuda_rng is not None:
+                torch.cuda.set_rng_state(ctx.cuda_rng, x.device)
+            with torch.enable_grad():
+                out = ctx.run(x, *ctx.args)
+        torch.autograd.backward(out, grad_out)
+        return (None, None, None, None, x.grad if ctx.x_needs_grad else None) + (None,) * len(ctx.args)
+
+
+def offloaded_checkpoint(run, offloader: OffloadSession, layer: int, x: torch.Tensor, *args) -> torch.Tensor:
+    """run(x, *args) with x offloaded and the call recomputed in backward (see the module docstring)."""
+    anchor = torch.empty(0, device=x.device, requires_grad=True)
+    return _OffloadedCheckpoint.apply(run, offloader, layer, anchor, x, *args)
