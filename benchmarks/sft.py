@@ -7,7 +7,8 @@ From the repository root on the device machine, with ../shared/bench copied to .
     PYTHONPATH=. python3 benchmarks/sft.py gazelle:llama8b:2x2048:4bit hf:llama8b:2x2048:4bit
     PYTHONPATH=. python3 benchmarks/sft.py --longest 65536,131072,262144,400000   # llama-8B QLoRA, batch 1
 
-SPEC = impl:shape:BATCHxSEQ[:4bit][:ckpt=off|on|unsloth]. Each runs in a process of its own, so each peak is its
+SPEC = impl:shape:BATCHxSEQ[:4bit][:ckpt=off|on|unsloth][:profile] (profile: gazelle only, one extra step's
+top CUDA ops). Each runs in a process of its own, so each peak is its
 own. Both libraries load the random weights ../shared/bench/hf_baseline.py saves (/tmp/hf_baseline_SHAPE; built
 here the same way if missing), train LoRA r=32 alpha=32 dropout 0 on q,k,v,o,gate,up,down with torch AdamW
 lr 1e-4 on the same tokens (torch.manual_seed(0); randint(0, 150000, (B, S)) on cuda, labels = the ids), six
@@ -49,7 +50,8 @@ def parse(spec: str) -> dict:
     if impl not in ("gazelle", "hf") or shape not in SHAPES:
         raise SystemExit(f"bad SPEC {spec!r}: impl gazelle|hf, shape one of {sorted(SHAPES)}")
     ckpt = next((f.split("=", 1)[1] for f in flags if f.startswith("ckpt=")), "unsloth")
-    return dict(impl=impl, shape=shape, batch=batch, seq=seq, q4="4bit" in flags, ckpt=ckpt, spec=spec)
+    return dict(impl=impl, shape=shape, batch=batch, seq=seq, q4="4bit" in flags, ckpt=ckpt, spec=spec,
+                profile="profile" in flags)
 
 
 def model_dir(shape: str) -> str:
@@ -106,9 +108,17 @@ def run_gazelle(case: dict) -> dict:
         torch.cuda.synchronize()
         times.append(time.perf_counter() - start)
     step = sorted(times[WARMUP:])[len(times[WARMUP:]) // 2]
+    peak = torch.cuda.max_memory_allocated()
+    if case["profile"]:  # one more step, untimed, under the profiler: where the time goes
+        from torch.profiler import ProfilerActivity, profile
+
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            train_step(model, optimizer, ids)
+            torch.cuda.synchronize()
+        print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=25), file=sys.stderr, flush=True)
     return dict(step_s=round(step, 4), tok_s=round(case["batch"] * case["seq"] / step),
                 loss=round(losses[-1].item(), 4), first_loss=round(losses[0].item(), 4),
-                peak_gib=round(torch.cuda.max_memory_allocated() / 2**30, 2))
+                peak_gib=round(peak / 2**30, 2))
 
 
 def run_case(case: dict) -> dict:
@@ -123,6 +133,8 @@ def run_case(case: dict) -> dict:
         cmd = [sys.executable, os.path.abspath(__file__), "--child", case["spec"]]
         env, cwd = os.environ, ROOT
     proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True)
+    if case["profile"]:
+        print(proc.stderr[-12000:], flush=True)
     line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
     if line is None:
         tail = (proc.stdout + proc.stderr)[-1500:]

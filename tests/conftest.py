@@ -1,7 +1,13 @@
 import os
 
-import pytest
 import torch
+
+# Without a GPU, Triton kernels run in Triton's interpreter; it must be chosen before triton.jit decorates them,
+# that is before gazelle's kernel modules are imported.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
 
 # GPU runs of the parity tests: GAZELLE_TEST_DEVICE=cuda GAZELLE_TEST_DTYPE=bfloat16 python -m pytest tests/models
 DEVICE = torch.device(os.environ.get("GAZELLE_TEST_DEVICE", "cpu"))

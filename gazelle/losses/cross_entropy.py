@@ -12,6 +12,9 @@ from collections.abc import Callable
 import torch
 from torch.utils.checkpoint import checkpoint
 
+from gazelle.kernels import dispatch
+from gazelle.kernels.linear_cross_entropy import linear_log_probs
+
 IGNORE_INDEX = -100
 CHUNK_BYTES = 64 * 1024 * 1024  # float32 logits held at once (a chunk's softmax temporaries are a few times this)
 
@@ -43,10 +46,17 @@ def token_log_probs(
     """log softmax(head(hidden) / temperature)[target] for every token.
 
     hidden (..., H) and targets (...) -> log-probs (...) in float32 (float64 for float64 input); targets equal to IGNORE_INDEX give 0.
-    `head` maps (n, H) hidden states to (n, vocab) logits (lm_head and any soft-capping).
+    `head` maps (n, H) hidden states to (n, vocab) logits (lm_head and any soft-capping). A Decoder's own
+    `logits` with a plain lm_head runs the fused linear cross-entropy kernel where dispatch picks Triton.
     with_entropy: also return the entropy of each position's distribution (no gradient), as a second tensor.
     """
     shape = targets.shape
+    linear = getattr(getattr(head, "__self__", None), "linear_head", None)  # a Decoder's own `logits`
+    linear = linear() if linear is not None else None
+    if linear is not None and not with_entropy and dispatch.use_triton("linear_cross_entropy", hidden):
+        weight, cap = linear  # the fused kernel: lm_head and softmax per chunk, nothing kept but logsumexp
+        return linear_log_probs(hidden, weight, targets, softcap=cap, temperature=temperature,
+                                ignore_index=IGNORE_INDEX, chunk_tokens=chunk_tokens)
     hidden, targets = hidden.reshape(-1, hidden.shape[-1]), targets.reshape(-1)  # (N, H), (N,)
     chunk = chunk_tokens or max(1, CHUNK_BYTES // (4 * vocab_size))
     grad = torch.is_grad_enabled() and hidden.requires_grad

@@ -12,24 +12,15 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from gazelle.kernels import dispatch
+from gazelle.kernels.glu import glu
+from gazelle.kernels.lora import LoraProjection, lora_mlp, lora_qkv
+from gazelle.kernels.rms_norm import rms_norm
+from gazelle.kernels.rope import apply_rotary_
 from gazelle.models.config import DecoderConfig
 from gazelle.models.hf_api import HFStyleMixin
 from gazelle.models.offload import ActivationOffloader, offloaded_checkpoint
-from gazelle.models.rope import RotaryTables, apply_rotary
-
-
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, offset: float) -> torch.Tensor:
-    """x * rsqrt(mean(x^2) + eps) * (offset + weight), normalised in float32.
-
-    With offset 0 the normalised x is rounded to x's dtype before the weight multiplies it (llama);
-    with an offset the product is formed in float32 and rounded once (gemma). Both match their checkpoints'
-    reference implementations bit for bit in 16-bit.
-    """
-    x32 = x.float()
-    normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
-    if offset:
-        return (normed * (offset + weight.float())).to(x.dtype)
-    return weight * normed.to(x.dtype)
+from gazelle.models.rope import RotaryTables
 
 
 class RMSNorm(nn.Module):
@@ -42,11 +33,12 @@ class RMSNorm(nn.Module):
         return rms_norm(x, self.weight, self.eps, self.offset)
 
 
-ACT_FNS = {
-    "silu": F.silu,
-    "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"),
-    "gelu": F.gelu,
-}
+def fused_lora(x: torch.Tensor, *modules: nn.Module) -> list[LoraProjection] | None:
+    """The modules as LoraProjections when the fused LoRA kernels run for x and every module can take them."""
+    if not dispatch.use_triton("lora", x):
+        return None
+    projections = [LoraProjection.of(m) for m in modules]
+    return projections if all(p is not None for p in projections) else None
 
 
 def softcap(x: torch.Tensor, cap: float | None) -> torch.Tensor:
@@ -76,6 +68,9 @@ class Attention(nn.Module):
     def project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         if self.fused:
             return self.qkv_proj(x).split(self.split, dim=-1)
+        adapted = fused_lora(x, self.q_proj, self.k_proj, self.v_proj)
+        if adapted:
+            return lora_qkv(x, *adapted)
         return self.q_proj(x), self.k_proj(x), self.v_proj(x)
 
     def forward(self, x, cos, sin, mask, cache=None):
@@ -86,8 +81,8 @@ class Attention(nn.Module):
         v = v.view(B, T, self.num_kv_heads, self.head_dim)
         if self.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
+        q, k = apply_rotary_(q, k, cos, sin)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, heads, T, D)
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         if cache is not None:
             k, v = cache.update(self.layer, k, v)  # (B, kv_heads, S, D), S = past + T
         out = attend(q, k, v, mask, self.scale, self.softcap)  # (B, heads, T, D)
@@ -131,14 +126,20 @@ class MLP(nn.Module):
             self.up_proj = nn.Linear(h, i, bias=bias)
         self.down_proj = nn.Linear(i, h, bias=bias)
         self.fused = cfg.fused_gate_up
-        self.act = ACT_FNS[cfg.hidden_act]
+        self.act = cfg.hidden_act  # a name of gazelle.kernels.glu.ACTS
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.fused:
+            adapted = fused_lora(x, self.gate_up_proj, self.down_proj)
+            if adapted:
+                return lora_mlp(x, down=adapted[1], act=self.act, gate_up=adapted[0])
             gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
         else:
+            adapted = fused_lora(x, self.gate_proj, self.up_proj, self.down_proj)
+            if adapted:
+                return lora_mlp(x, *adapted, act=self.act)
             gate, up = self.gate_proj(x), self.up_proj(x)
-        return self.down_proj(self.act(gate) * up)
+        return self.down_proj(glu(gate, up, self.act))
 
 
 class DecoderLayer(nn.Module):
@@ -259,6 +260,14 @@ class Decoder(HFStyleMixin, nn.Module):
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """lm_head (and final soft-capping) over hidden states; callers choose which positions."""
         return softcap(self.lm_head(hidden), self.config.final_softcap)
+
+    def linear_head(self) -> tuple[torch.Tensor, float | None] | None:
+        """(lm_head weight, final soft-cap) when `logits` is that plain product, for the fused linear
+        cross-entropy; None when the head carries an adapter, a bias or a quantized weight."""
+        head = self.lm_head
+        if type(head) is not nn.Linear or head.bias is not None:
+            return None
+        return head.weight, self.config.final_softcap
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in {id(p): p for p in self.parameters()}.values())

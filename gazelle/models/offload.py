@@ -39,10 +39,9 @@ class ActivationOffloader:
 
     def take(self, x: torch.Tensor) -> torch.Tensor:
         """A free buffer holding at least x's elements in x's dtype, viewed as x's shape."""
-        fits = [b for b in self._free if b.dtype == x.dtype and b.numel() >= x.numel()]
+        fits = [i for i, b in enumerate(self._free) if b.dtype == x.dtype and b.numel() >= x.numel()]
         if fits:
-            buf = min(fits, key=torch.Tensor.numel)
-            self._free.remove(buf)
+            buf = self._free.pop(min(fits, key=lambda i: self._free[i].numel()))
         else:
             buf = torch.empty(x.numel(), dtype=x.dtype, pin_memory=x.is_cuda)
         return buf

@@ -1,7 +1,7 @@
-"""Rotary position embedding: inverse frequencies for each scaling scheme, cos/sin tables, application.
+"""Rotary position embedding: inverse frequencies for each scaling scheme and the cos/sin tables.
 
-Layout is the half-split one of Hugging Face checkpoints (the first and second halves of the rotated
-dimensions form the pairs), so q/k weights load without permutation.
+The rotation itself (the half-split pairing of Hugging Face checkpoints, so q/k weights load without
+permutation) is gazelle.kernels.rope.
 """
 
 from __future__ import annotations
@@ -85,14 +85,3 @@ class RotaryTables:
         angles = torch.cat([freqs, freqs], dim=-1)  # (B, T, dim)
         scale = self.rope.attention_factor
         return (angles.cos() * scale).to(dtype), (angles.sin() * scale).to(dtype)
-
-
-def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x (B, H, T, D), cos/sin (B, T, R) with R <= D: rotate the first R dimensions of every head."""
-    rot = cos.shape[-1]
-    cos, sin = cos[:, None], sin[:, None]  # (B, 1, T, R)
-    x_rot, x_pass = x[..., :rot], x[..., rot:]
-    half = rot // 2
-    rotated = torch.cat([-x_rot[..., half:], x_rot[..., :half]], dim=-1)
-    out = x_rot * cos + rotated * sin
-    return torch.cat([out, x_pass], dim=-1) if x_pass.shape[-1] else out

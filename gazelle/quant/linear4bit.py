@@ -12,11 +12,11 @@ statistics are non-persistent buffers that `_save_to_state_dict` writes under bi
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from gazelle.errors import GazelleError
-from gazelle.quant.nf4 import NESTED_BLOCKSIZE, NF4Tensor, dequantize_nf4, nf4_from_state, nf4_to_state, quantize_nf4
+from gazelle.kernels import nf4 as kernels_nf4
+from gazelle.quant.nf4 import NESTED_BLOCKSIZE, NF4Tensor, nf4_from_state, nf4_to_state, quantize_nf4
 
 COMPUTE_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 STATS = ("absmax", "nested_absmax", "nested_quant_map")  # buffer names of the statistics, besides `weight`
@@ -70,12 +70,22 @@ class Linear4bit(nn.Module):
 
     def dequantized_weight(self) -> torch.Tensor:
         """W in compute_dtype, (out_features, in_features)."""
-        return dequantize_nf4(self.nf4, self.compute_dtype)
+        return kernels_nf4.dequantize_nf4(self.nf4, self.compute_dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Computed in compute_dtype and returned in the input's dtype, as bitsandbytes' Linear4bit does.
+        # Computed in compute_dtype and returned in the input's dtype, as bitsandbytes' Linear4bit does; the
+        # Triton path streams the packed weight for decode-sized inputs and never keeps W whole.
         bias = None if self.bias is None else self.bias.to(self.compute_dtype)
-        return F.linear(x.to(self.compute_dtype), self.dequantized_weight(), bias).to(x.dtype)
+        dtype, x = x.dtype, x.to(self.compute_dtype)
+        if torch.compiler.is_compiling() and x.is_cuda and not torch.is_grad_enabled():
+            # The compiled decode step: one opaque op, so the compiler fuses around the NF4 kernel rather than
+            # tracing (and dequantizing) the reference.
+            y = torch.ops.gazelle.nf4_linear(x, self.weight, self.absmax, self.nested_absmax, self.nested_quant_map,
+                                             self.offset or 0.0, self.blocksize, self.out_features,
+                                             self.weight_dtype, bias)
+        else:
+            y = kernels_nf4.nf4_linear(x, self.nf4, bias)
+        return y.to(dtype)
 
     def extra_repr(self) -> str:
         double = ", double_quant" if self.nested_absmax is not None else ""
@@ -110,6 +120,22 @@ class Linear4bit(nn.Module):
                                       error_msgs)
         # The base class takes dotted keys for submodules'; ours were read above.
         unexpected_keys[:] = [k for k in unexpected_keys if not k.startswith(prefix + "weight.")]
+
+
+@torch.library.custom_op("gazelle::nf4_linear", mutates_args=())
+def _nf4_linear_op(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, nested_absmax: torch.Tensor | None,
+                   nested_quant_map: torch.Tensor | None, offset: float, blocksize: int, out_features: int,
+                   weight_dtype: torch.dtype, bias: torch.Tensor | None) -> torch.Tensor:
+    """Linear4bit's product as a custom op for torch.compile (no gradient: the decode step only)."""
+    shape = torch.Size((out_features, x.shape[-1]))
+    q = NF4Tensor(packed, shape, weight_dtype, blocksize, absmax, offset if nested_absmax is not None else None,
+                  nested_absmax, nested_quant_map)
+    return kernels_nf4.nf4_linear(x, q, bias)
+
+
+@_nf4_linear_op.register_fake
+def _(x, packed, absmax, nested_absmax, nested_quant_map, offset, blocksize, out_features, weight_dtype, bias):
+    return x.new_empty((*x.shape[:-1], out_features))
 
 
 def quantize_model(model: nn.Module, compute_dtype: torch.dtype, skip_modules=("lm_head",), blocksize: int = 64,
