@@ -3,11 +3,17 @@
 GPU only. From the repository root on the device machine, with the two baseline files copied to .bench/:
 
     python3 .bench/hf_baseline.py generate qwen1.5b 64 128 256     # writes /tmp/hf_baseline_qwen1.5b
-    python3 benchmarks/generate.py qwen1.5b 64 128 256 [--4bit]
+    python3 benchmarks/generate.py qwen1.5b 64 128 256 [--4bit] [--lora]
 
 Same random weights (the folder the baseline saved), same sampling (temperature 1, no top-k/top-p, exactly
 NEW tokens per sequence), same measure: BATCH * NEW / wall time of the whole call (prefill included), best
 of two after a warm-up that also captures the CUDA graphs. Prints one line: RESULT {json}.
+
+--lora: generation between optimizer steps, as GRPO does it. LoRA r=32 on every projection, unmerged; the
+warm-up and each timed call follow one AdamW step on 8 x 256 random tokens. Memory is then judged against
+what the model holds between steps (weights, adapters, optimizer state: `resident_gib`, allocated just before
+generating, the KV cache included, which the engine keeps between calls). `overhead_vs_weights_and_kv` =
+(peak during generation - resident) / (parameter and buffer bytes + KV cache bytes).
 """
 
 from __future__ import annotations
@@ -38,32 +44,59 @@ def main() -> None:
                     help="capture the eager decode step (default: torch.compile it first)")
     ap.add_argument("--prefill-tokens", type=int, default=None,
                     help="tokens per prefill forward (rows x chunk); default: the engine's")
+    ap.add_argument("--lora", action="store_true", help="a LoRA model, one optimizer step before each call")
     a = ap.parse_args()
     path = f"/tmp/hf_baseline_{a.shape}"
     model = load_model(path, dtype=torch.bfloat16, device="cuda", load_in_4bit=a.q4)
     weights = torch.cuda.memory_allocated()
+    train_step = (lambda: None)
+    if a.lora:
+        from gazelle import FastLanguageModel
+        from gazelle.losses.cross_entropy import cross_entropy_sum
+
+        model = FastLanguageModel.get_peft_model(model, r=32, lora_alpha=32)
+        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+        tokens = torch.randint(0, 150000, (8, 256), device="cuda")
+
+        def train_step():
+            model.train()
+            loss, n = cross_entropy_sum(model.logits, model(tokens)[:, :-1], tokens[:, 1:], model.config.vocab_size)
+            (loss / n).backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+
     torch.manual_seed(0)
     prompts = torch.randint(0, 150000, (a.batch, a.prompt)).tolist()
     params = SamplingParams(do_sample=True, temperature=1.0)
     engine = Engine(model, compile=a.compile, **({"prefill_tokens": a.prefill_tokens} if a.prefill_tokens else {}))
     engine.generate([p[:16] for p in prompts], 8, params, seed=0)  # warm-up: kernels, graphs of every bucket used
+    train_step()
     engine.generate(prompts, a.new, params, seed=0)
-    torch.cuda.reset_peak_memory_stats()
-    times = []
+    times, overheads = [], []
     for _ in range(2):
+        train_step()
         torch.cuda.synchronize()
+        resident = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
         start = time.perf_counter()
         out = engine.generate(prompts, a.new, params, seed=0)
         torch.cuda.synchronize()
         times.append(time.perf_counter() - start)
+        overheads.append(torch.cuda.max_memory_allocated() - resident)
     assert all(len(o) == a.new for o in out)
     cfg = model.config
     kv_bytes = 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * 2 * engine.cache.rows * engine.cache.max_len
+    # The cache exists before the timed calls, so it is inside `resident`; the peak above it is the overhead.
+    over = max(overheads)
+    tensors = {id(t): t for t in [*model.parameters(), *model.buffers()]}.values()
+    weights_and_kv = sum(t.numel() * t.element_size() for t in tensors) + kv_bytes
     print("RESULT", json.dumps(dict(
         impl="gazelle" + ("" if a.compile else " (no compile)"), what="generate", shape=a.shape, q4=a.q4, batch=a.batch, prompt=a.prompt, new=a.new,
         s=round(min(times), 3), tok_s=round(a.batch * a.new / min(times)),
         peak_gib=round(torch.cuda.max_memory_allocated() / 2**30, 2), weights_gib=round(weights / 2**30, 2),
-        kv_cache_gib=round(kv_bytes / 2**30, 2), prefill_tokens=engine.prefill_tokens)), flush=True)
+        kv_cache_gib=round(kv_bytes / 2**30, 2), prefill_tokens=engine.prefill_tokens, lora=a.lora,
+        resident_gib=round(resident / 2**30, 2), weights_and_kv_gib=round(weights_and_kv / 2**30, 2),
+        overhead_vs_weights_and_kv=round(over / weights_and_kv, 4))), flush=True)
 
 
 if __name__ == "__main__":

@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from gazelle.kernels import dispatch
 from gazelle.kernels.lora import LoraProjection, lora_linear, lora_mlp, lora_qkv
 from gazelle.lora.layers import LoraLinear
 from gazelle.quant.linear4bit import Linear4bit
@@ -34,6 +35,13 @@ ACTS = {"silu": F.silu, "gelu_tanh": lambda t: F.gelu(t, approximate="tanh"), "g
 @pytest.fixture
 def fused(monkeypatch):
     monkeypatch.setenv("GAZELLE_KERNELS", "triton")
+
+
+@pytest.fixture
+def cpu_fused(fused):
+    """The fused path on CPU tensors: it calls the GLU/NF4 kernels, which need Triton's interpreter there."""
+    if not dispatch.interpreting():
+        pytest.skip("CPU tensors take the fused path only under Triton's interpreter (the CPU suite)")
 
 
 def make_lora(in_f: int, out_f: int, *, dtype=torch.float32, bias=False, nf4=False, r=R, alpha=ALPHA, seed=0,
@@ -117,7 +125,7 @@ def tokens(dtype, features=HIDDEN, device="cpu", seed=1):
 
 
 @pytest.mark.parametrize("dtype, nf4, bias", CASES)
-def test_lora_linear(fused, dtype, nf4, bias):
+def test_lora_linear(cpu_fused, dtype, nf4, bias):
     m = make_lora(HIDDEN, OUT, dtype=dtype, bias=bias, nf4=nf4)
     (p,) = projections(m)
     x = tokens(dtype)
@@ -127,7 +135,7 @@ def test_lora_linear(fused, dtype, nf4, bias):
 
 
 @pytest.mark.parametrize("dtype, nf4, bias", CASES)
-def test_lora_qkv(fused, dtype, nf4, bias):
+def test_lora_qkv(cpu_fused, dtype, nf4, bias):
     q = make_lora(HIDDEN, OUT, dtype=dtype, bias=bias, nf4=nf4, seed=0)
     k = make_lora(HIDDEN, 20, dtype=dtype, bias=bias, nf4=nf4, seed=1, r=2, alpha=4.0)  # unequal ranks stack
     v = make_lora(HIDDEN, 20, dtype=dtype, bias=bias, nf4=nf4, seed=2, alpha=2.0)  # scaling 0.5
@@ -137,7 +145,7 @@ def test_lora_qkv(fused, dtype, nf4, bias):
     assert_close(fast, run_ref(lambda t: (q(t), k(t), v(t)), x, [q, k, v]), dtype)
 
 
-def test_lora_qkv_unused_output(fused):
+def test_lora_qkv_unused_output(cpu_fused):
     """An output that takes no part in the loss gets a zero gradient (autograd materializes it)."""
     mods = [make_lora(HIDDEN, n, seed=s) for s, n in enumerate((OUT, 20, 20))]
     ps = projections(*mods)
@@ -171,7 +179,7 @@ def mlp_module_fn(mods, act):
 
 @pytest.mark.parametrize("act", ["silu", "gelu_tanh", "gelu"])
 @pytest.mark.parametrize("dtype, nf4, bias", CASES)
-def test_lora_mlp(fused, dtype, nf4, bias, act):
+def test_lora_mlp(cpu_fused, dtype, nf4, bias, act):
     mods = mlp_modules(dtype, nf4, bias)
     gate, up, down = projections(*mods)
     x = tokens(dtype)
@@ -182,7 +190,7 @@ def test_lora_mlp(fused, dtype, nf4, bias, act):
 
 @pytest.mark.parametrize("act", ["silu", "gelu"])
 @pytest.mark.parametrize("dtype, nf4, bias", CASES)
-def test_lora_mlp_fused_gate_up(fused, dtype, nf4, bias, act):
+def test_lora_mlp_fused_gate_up(cpu_fused, dtype, nf4, bias, act):
     mods = mlp_modules(dtype, nf4, bias, fused_gate_up=True)
     gate_up, down = projections(*mods)
     x = tokens(dtype)
@@ -190,7 +198,7 @@ def test_lora_mlp_fused_gate_up(fused, dtype, nf4, bias, act):
     assert_close(fast, run_ref(mlp_module_fn(mods, act), x, mods), dtype)
 
 
-def test_frozen_input_and_frozen_bias(fused):
+def test_frozen_input_and_frozen_bias(cpu_fused):
     """The first layer's input needs no gradient (frozen embeddings); a bias may be present and frozen."""
     mods = [make_lora(HIDDEN, INTER, bias=True, train_bias=False, seed=s) for s in (20, 21)]
     mods.append(make_lora(INTER, HIDDEN, bias=True, seed=22))
@@ -221,7 +229,7 @@ def saved_bytes(fn, x: torch.Tensor, mods) -> int:
 
 
 @pytest.mark.parametrize("nf4", [False, True], ids=["dense", "nf4"])
-def test_lora_mlp_saves_less(fused, nf4):
+def test_lora_mlp_saves_less(cpu_fused, nf4):
     """The fused MLP keeps e, u and the (N, r) adapter inputs; plain autograd also act(e), h (and NF4 weights)."""
     mods = mlp_modules(torch.float32, nf4, False)
     x = tokens(torch.float32).requires_grad_()
@@ -234,7 +242,7 @@ def test_lora_mlp_saves_less(fused, nf4):
     assert ref_bytes == 4 * (4 * n * INTER + 3 * n * R) + weights
 
 
-def test_strided_input(fused):
+def test_strided_input(cpu_fused):
     m = make_lora(HIDDEN, OUT, bias=True)
     (p,) = projections(m)
     wide = tokens(torch.float32, features=2 * HIDDEN)
