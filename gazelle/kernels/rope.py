@@ -163,32 +163,35 @@ class _RotaryOutOfPlace(torch.autograd.Function):
 
 
 def _writable(x: torch.Tensor) -> bool:
-    """Whether x can be rotated in place without autograd refusing it or elements aliasing each other."""
+    """Whether x can be rotated in place without autograd refusing it, a slow rebase, or aliased elements.
+
+    Under autograd only a non-leaf that is not a view, or a view covering all of its contiguous non-leaf base
+    (a projection output seen as heads: `_rotate` then rotates the base), is rotated in place. A partial view
+    (q or k sliced out of a fused qkv output) goes out of place: modifying it would make autograd clone the
+    whole base's gradient (CopySlices), and views from split/chunk may not be modified at all.
+    """
     if any(stride == 0 and size > 1 for stride, size in zip(x.stride(), x.shape)):
         return False  # expanded: several elements share memory
     if not (torch.is_grad_enabled() and x.requires_grad):
         return True
     if x.is_leaf:
         return False
+    return x._base is None or _covers_base(x)
+
+
+def _covers_base(x: torch.Tensor) -> bool:
     base = x._base
-    if base is not None:
-        if base.is_leaf and base.requires_grad:
-            return False
-        creation_meta = getattr(torch._C._autograd, "_get_creation_meta", None)  # views of split/chunk outputs
-        if creation_meta is not None and creation_meta(x) != torch._C._autograd.CreationMeta.DEFAULT:
-            return False
-    return True
+    return (not base.is_leaf and base.numel() == x.numel() and base.data_ptr() == x.data_ptr()
+            and base.is_contiguous() and x.is_contiguous())
 
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, in_place: bool) -> torch.Tensor:
     if not (in_place and _writable(x)):
         return _RotaryOutOfPlace.apply(x, cos, sin)
-    base = x._base
-    if (torch.is_grad_enabled() and x.requires_grad and base is not None and base.numel() == x.numel()
-            and base.data_ptr() == x.data_ptr() and base.is_contiguous() and x.is_contiguous()):
+    if torch.is_grad_enabled() and x.requires_grad and x._base is not None:
         # x is all of a contiguous base (a projection output viewed as heads): rotating the base itself spares
         # autograd rebasing a modified view (CopySlices: a clone of the whole gradient and a copy back).
-        return _RotaryInPlace.apply(base, x.shape, cos, sin).view(x.shape)
+        return _RotaryInPlace.apply(x._base, x.shape, cos, sin).view(x.shape)
     return _RotaryInPlace.apply(x, None, cos, sin)
 
 

@@ -86,14 +86,15 @@ def _through_fused(fn, x, w, cos, sin, hq=HQ, hk=HK, d=D, split=False):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("kind, rotary_dim", [("default", 16), ("default", 8), ("yarn", 8)])
 def test_in_place_on_fused_projection_views(triton_mode, dtype, kind, rotary_dim):
-    """q/k as non-contiguous views of one fused qkv output are rotated in place; the gradient reaching the
-    projection input through the views equals the reference's; partial rotary leaves dims R.. untouched."""
+    """q/k as non-contiguous views of one fused qkv output: under autograd rotated out of place (modifying a
+    partial view would clone the whole qkv gradient); the gradient reaching the projection input through the
+    views equals the reference's; partial rotary leaves dims R.. untouched."""
     cos, sin = _tables(kind, rotary_dim, dtype)
     x = torch.randn(B, T, 6, dtype=dtype, requires_grad=True)
     w = torch.randn(6, (HQ + 2 * HK) * D, dtype=dtype)
     q, k, dx, in_place = _through_fused(apply_rotary_, x, w, cos, sin)
     q_ref, k_ref, dx_ref, ref_in_place = _through_fused(apply_rotary_ref, x, w, cos, sin)
-    assert in_place and not ref_in_place
+    assert not in_place and not ref_in_place
     atol, rtol = TOLERANCE[dtype]
     torch.testing.assert_close(q, q_ref, atol=atol, rtol=rtol)
     torch.testing.assert_close(k, k_ref, atol=atol, rtol=rtol)
