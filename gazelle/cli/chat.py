@@ -106,8 +106,9 @@ def converse(model, tokenizer, params: ReplyParams, system: str | None) -> None:
         pieces.clear()
         try:
             answer = reply(model, tokenizer, build_messages(history, line, system), params, on_text)
-        except KeyboardInterrupt:
+        except KeyboardInterrupt:  # Ctrl-C mid-reply: keep what was said, back to the prompt
             answer = "".join(pieces)
+            print(" (stopped)", end="", file=sys.stderr, flush=True)
         print(flush=True)
         history += [{"role": "user", "content": line}, {"role": "assistant", "content": answer}]
 

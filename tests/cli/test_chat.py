@@ -132,7 +132,10 @@ def test_terminal_session_streams_and_handles_ctrl_c(smollm2_gguf):
         read_until(master, "cat.")
         read_until(master, " ")  # the reply has started
         proc.send_signal(signal.SIGINT)  # Ctrl-C mid-reply: back to the prompt
-        read_until(master, "> ", timeout=30)
+        # The marker first: the reply's own text may hold "> ", and only the prompt after it is the prompt.
+        after = "".join(read_until(master, "(stopped)", timeout=30)).split("(stopped)", 1)[1]
+        if "> " not in after:
+            read_until(master, "> ", timeout=30)
         assert proc.poll() is None
         proc.send_signal(signal.SIGINT)  # Ctrl-C at the prompt: a clean exit
         assert proc.wait(timeout=30) == 0
