@@ -117,8 +117,10 @@ def read_until(fd: int, marker: str, timeout: float = 120) -> list[str]:
 
 def test_terminal_session_streams_and_handles_ctrl_c(smollm2_gguf):
     master, slave = pty.openpty()
+    # As from a terminal: Ctrl-C raises. A shell that started this suite in the background (`cmd &`) passes SIGINT on
+    # as ignored, and Python then installs no KeyboardInterrupt handler at all.
     proc = subprocess.Popen(cli("--model", smollm2_gguf, "--max-new-tokens", "300"), stdin=slave, stdout=slave,
-                            stderr=slave)
+                            stderr=slave, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     os.close(slave)
     try:
         read_until(master, "> ")
