@@ -192,9 +192,12 @@ def main() -> None:
             print(f"| {r['spec']} | error: {r['error'][:80]} | | | |")
         else:
             print(f"| {r['spec']} | {r['tok_s']:,} | {r['peak_gib']} | {r['loss']} | {r['step_s']} |")
-    by = {(r["spec"].split(":", 1)[1]): r for r in results if r.get("impl") == "hf+peft"}
+    def workload(r):
+        return r.get("shape"), r.get("q4"), r.get("batch"), r.get("seq")
+
+    baselines = {workload(r): r for r in results if r.get("impl") == "hf+peft"}
     for r in results:
-        ref = by.get(r["spec"].split(":", 1)[1].replace(":ckpt=off", "").replace(":ckpt=on", "").replace(":ckpt=unsloth", ""))
+        ref = baselines.get(workload(r))
         if r.get("impl") == "gazelle" and ref:
             print(f"{r['spec']}: {r['tok_s'] / ref['tok_s']:.2f}x HF tokens/s, {r['peak_gib'] / ref['peak_gib']:.2f}x its "
                   f"memory, loss {r['loss']} vs {ref['loss']} ({abs(r['loss'] / ref['loss'] - 1):.2%})")

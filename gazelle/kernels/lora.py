@@ -340,6 +340,14 @@ def _fused(x: torch.Tensor, ps) -> bool:
     return True
 
 
+def fusable(x: torch.Tensor, *modules: nn.Module) -> list[LoraProjection] | None:
+    """The modules as LoraProjections when the fused LoRA path runs for x and every module can take it, else None."""
+    if not dispatch.use_triton("lora", x):
+        return None
+    projections = [LoraProjection.of(m) for m in modules]
+    return projections if all(p is not None for p in projections) else None
+
+
 def lora_linear(x: torch.Tensor, p: LoraProjection) -> torch.Tensor:
     """x (..., in) -> (..., out) = x W^T + b + s (x A^T) B^T: fused, or lora_linear_ref per dispatch."""
     if _fused(x, (p,)):

@@ -17,8 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from gazelle.errors import GazelleError
-from gazelle.kernels import dispatch
-from gazelle.kernels.lora import LoraProjection, lora_linear
+from gazelle.kernels.lora import fusable, lora_linear
 
 BIAS_MODES = ("none", "lora_only", "all")
 
@@ -173,10 +172,9 @@ class LoraLinear(nn.Module):
     """True while adapters_disabled() is active: the layer is its base alone (GRPO's reference policy)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.disabled and dispatch.use_triton("lora", x):
-            projection = LoraProjection.of(self)
-            if projection is not None:  # one autograd node, saving x and x A^T only
-                return lora_linear(x, projection)
+        adapted = fusable(x, self)
+        if adapted:  # one autograd node, saving x and x A^T only
+            return lora_linear(x, *adapted)
         result = self.base_layer(x)
         if self.disabled:
             return result

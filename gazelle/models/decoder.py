@@ -12,9 +12,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from gazelle.kernels import dispatch
 from gazelle.kernels.glu import glu
-from gazelle.kernels.lora import LoraProjection, lora_mlp, lora_qkv
+from gazelle.kernels.lora import fusable, lora_mlp, lora_qkv
 from gazelle.kernels.rms_norm import rms_norm
 from gazelle.kernels.rope import apply_rotary_
 from gazelle.models.config import DecoderConfig
@@ -31,14 +30,6 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return rms_norm(x, self.weight, self.eps, self.offset)
-
-
-def fused_lora(x: torch.Tensor, *modules: nn.Module) -> list[LoraProjection] | None:
-    """The modules as LoraProjections when the fused LoRA kernels run for x and every module can take them."""
-    if not dispatch.use_triton("lora", x):
-        return None
-    projections = [LoraProjection.of(m) for m in modules]
-    return projections if all(p is not None for p in projections) else None
 
 
 def softcap(x: torch.Tensor, cap: float | None) -> torch.Tensor:
@@ -68,7 +59,7 @@ class Attention(nn.Module):
     def project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         if self.fused:
             return self.qkv_proj(x).split(self.split, dim=-1)
-        adapted = fused_lora(x, self.q_proj, self.k_proj, self.v_proj)
+        adapted = fusable(x, self.q_proj, self.k_proj, self.v_proj)
         if adapted:
             return lora_qkv(x, *adapted)
         return self.q_proj(x), self.k_proj(x), self.v_proj(x)
@@ -130,12 +121,12 @@ class MLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.fused:
-            adapted = fused_lora(x, self.gate_up_proj, self.down_proj)
+            adapted = fusable(x, self.gate_up_proj, self.down_proj)
             if adapted:
                 return lora_mlp(x, down=adapted[1], act=self.act, gate_up=adapted[0])
             gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
         else:
-            adapted = fused_lora(x, self.gate_proj, self.up_proj, self.down_proj)
+            adapted = fusable(x, self.gate_proj, self.up_proj, self.down_proj)
             if adapted:
                 return lora_mlp(x, *adapted, act=self.act)
             gate, up = self.gate_proj(x), self.up_proj(x)
