@@ -45,6 +45,8 @@ def main() -> None:
     ap.add_argument("--prefill-tokens", type=int, default=None,
                     help="tokens per prefill forward (rows x chunk); default: the engine's")
     ap.add_argument("--lora", action="store_true", help="a LoRA model, one optimizer step before each call")
+    ap.add_argument("--profile", action="store_true",
+                    help="after the timed calls, profile one more and print the CUDA kernels by total time")
     a = ap.parse_args()
     path = f"/tmp/hf_baseline_{a.shape}"
     model = load_model(path, dtype=torch.bfloat16, device="cuda", load_in_4bit=a.q4)
@@ -69,9 +71,11 @@ def main() -> None:
     prompts = torch.randint(0, 150000, (a.batch, a.prompt)).tolist()
     params = SamplingParams(do_sample=True, temperature=1.0)
     engine = Engine(model, compile=a.compile, **({"prefill_tokens": a.prefill_tokens} if a.prefill_tokens else {}))
+    began = time.perf_counter()
     engine.generate([p[:16] for p in prompts], 8, params, seed=0)  # warm-up: kernels, graphs of every bucket used
     train_step()
     engine.generate(prompts, a.new, params, seed=0)
+    print(f"warm-up (compile, capture, first calls) {time.perf_counter() - began:.1f} s", file=sys.stderr, flush=True)
     times, overheads = [], []
     for _ in range(2):
         train_step()
@@ -97,6 +101,26 @@ def main() -> None:
         kv_cache_gib=round(kv_bytes / 2**30, 2), prefill_tokens=engine.prefill_tokens, lora=a.lora,
         resident_gib=round(resident / 2**30, 2), weights_and_kv_gib=round(weights_and_kv / 2**30, 2),
         overhead_vs_weights_and_kv=round(over / weights_and_kv, 4))), flush=True)
+    if a.profile:
+        profile(lambda: engine.generate(prompts, a.new, params, seed=0), a.new)
+
+
+def profile(call, steps: int, rows: int = 25) -> None:
+    """One call under torch.profiler: CUDA kernels by total time, with launches per decode step."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    with torch_profile(activities=[ProfilerActivity.CUDA]) as prof:
+        call()
+        torch.cuda.synchronize()
+    kernels = [e for e in prof.key_averages() if e.device_time_total > 0]
+    total = sum(e.device_time_total for e in kernels)
+    launches = sum(e.count for e in kernels)
+    print(f"PROFILE kernel time {total / 1e3:.1f} ms in {launches} launches "
+          f"({total / 1e3 / steps:.3f} ms and {launches / steps:.0f} launches per step of {steps})")
+    for e in sorted(kernels, key=lambda e: -e.device_time_total)[:rows]:
+        print(f"PROFILE {e.device_time_total / 1e3:9.2f} ms {e.count:7d}x {e.device_time_total / e.count:8.2f} us  "
+              f"{e.key[:110]}")
 
 
 if __name__ == "__main__":
