@@ -20,6 +20,7 @@ from gazelle.models.config import DecoderConfig
 from gazelle.models.hf_api import HFStyleMixin
 from gazelle.models.offload import ActivationOffloader, offloaded_checkpoint
 from gazelle.models.rope import RotaryTables
+from gazelle.models.tiling import tiled
 
 
 class RMSNorm(nn.Module):
@@ -106,6 +107,9 @@ def grouped_attention(q, k, v, mask: torch.Tensor | None, scale: float, cap: flo
     return out.reshape(B, H, T, D)
 
 
+MLP_TILE_BYTES = 256 * 2**20  # llama-8B shape, bf16: 3 x 14336 x 2 bytes a token, so tiles of 3,120 tokens past 12,480
+
+
 class MLP(nn.Module):
     def __init__(self, cfg: DecoderConfig):
         super().__init__()
@@ -118,8 +122,21 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(i, h, bias=bias)
         self.fused = cfg.fused_gate_up
         self.act = cfg.hidden_act  # a name of gazelle.kernels.glu.ACTS
+        self.intermediate_size = i
+        self.tile_bytes: int | None = MLP_TILE_BYTES
+        """A sequence whose intermediates exceed 4 tiles runs in tiles of about this many bytes of intermediates
+        (gazelle.models.tiling); None never tiles."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Grad mode must not decide: a checkpointed forward runs without autograd and its recomputation with it,
+        # and both must draw LoRA dropout in the same (tile) order.
+        if self.tile_bytes:
+            tile = max(1, self.tile_bytes // (3 * self.intermediate_size * x.element_size()))
+            if x.shape[:-1].numel() > 4 * tile:
+                return tiled(self.block, x, tile)
+        return self.block(x)
+
+    def block(self, x: torch.Tensor) -> torch.Tensor:
         if self.fused:
             adapted = fusable(x, self.gate_up_proj, self.down_proj)
             if adapted:

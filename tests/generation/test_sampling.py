@@ -175,3 +175,24 @@ def test_sample_replays_in_a_cuda_graph():
         draws.append(tokens.clone())
     assert all(allowed[torch.arange(512, device="cuda"), d].all() for d in draws)
     assert not torch.equal(draws[0], draws[1]), "each replay draws fresh noise"
+
+
+def test_first_argmax_equals_argmax_with_ties_and_masked_tokens():
+    g = torch.Generator().manual_seed(0)
+    scores = torch.randint(0, 4, (32, 23), generator=g).float()  # many ties, in and across chunks
+    scores[torch.rand(32, 23, generator=g) < 0.3] = float("-inf")
+    scores[0] = float("-inf")
+    scores[0, 22] = 1.0  # the only allowed token in the last, partial chunk
+    for chunk in (1, 3, 5, 22, 23, 64):
+        assert torch.equal(sampling.first_argmax(scores, chunk), scores.argmax(-1)), chunk
+
+
+def test_draws_over_a_large_vocabulary_follow_the_softmax():
+    """A vocabulary past first_argmax's chunk: the 8 allowed tokens sit in different chunks."""
+    vocab, where = 4_100, torch.tensor([5, 1000, 2047, 2048, 3000, 4095, 4096, 4099])
+    logits = torch.full((N // 4, vocab), float("-inf"))
+    logits[:, where] = LOGITS
+    g = torch.Generator().manual_seed(1)
+    tokens = torch.cat([sample(logits, SamplingParams(True), g) for _ in range(4)])
+    assert torch.isin(tokens, where).all()
+    assert_follows(torch.searchsorted(where, tokens), LOGITS.softmax(-1))
