@@ -43,6 +43,7 @@ class Engine:
         self.dtype = model.model.embed_tokens.weight.dtype
         self.cuda_graphs = self.device.type == "cuda" if cuda_graphs is None else cuda_graphs
         self.cache: StaticKVCache | None = None
+        self._no_masks = dict.fromkeys(self.config.window(i) for i in range(self.config.num_layers))
         self._graphs: dict = {}
         # torch.compile fuses the decode step's many small kernels (norms, rotary, activations) before the
         # step is captured in a CUDA graph; shapes are fixed per batch bucket, so it compiles once per bucket.
@@ -81,7 +82,7 @@ class Engine:
         return masks
 
     def _forward(self, tokens: torch.Tensor, slots: torch.Tensor, ends: torch.Tensor) -> torch.Tensor:
-        self.cache.slots = slots
+        self.cache.slots, self.cache.decoding = slots, False
         return self.model.run_layers(tokens, slots, self._masks(slots, ends), self.cache)
 
     # -- prefill -----------------------------------------------------------------------------
@@ -123,8 +124,9 @@ class Engine:
     def _decode_step(self, B: int, params: SamplingParams, generator) -> torch.Tensor:
         """One token for rows 0..B-1 from self._tokens / self._lengths; writes the new tokens back."""
         tokens, lengths = self._tokens[:B], self._lengths[:B]
-        slots = lengths[:, None]
-        hidden = self._forward(tokens, slots, lengths + 1)
+        # Row b's new token goes to slot lengths[b] and sees the slots up to it: no mask to build.
+        self.cache.slots, self.cache.decoding = lengths[:, None], True
+        hidden = self.model.run_layers(tokens, self.cache.slots, self._no_masks, self.cache)
         logits = self.model.logits(hidden[:, -1])
         new = self._sample(logits, params, generator)
         tokens.copy_(new[:, None])

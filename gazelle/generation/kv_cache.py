@@ -41,6 +41,9 @@ class StaticKVCache:
         self.slots: torch.Tensor | None = None
         self.row_offset = 0
         """The forward's rows are cache rows row_offset.. (a prefill in groups of rows sets it; decode leaves 0)."""
+        self.decoding = False
+        """Set for a decode step (T == 1, row b's query at slot slots[b, 0], seeing slots <= it): attention then
+        reads only those slots (gazelle.kernels.decode_attention) and needs no mask."""
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         B, T = self.slots.shape

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from gazelle.kernels.decode_attention import decode_attention
 from gazelle.kernels.glu import glu
 from gazelle.kernels.lora import fusable, lora_mlp, lora_qkv
 from gazelle.kernels.rms_norm import rms_norm
@@ -40,7 +41,7 @@ def softcap(x: torch.Tensor, cap: float | None) -> torch.Tensor:
 class Attention(nn.Module):
     def __init__(self, cfg: DecoderConfig, layer: int):
         super().__init__()
-        self.layer = layer
+        self.layer, self.window = layer, cfg.window(layer)
         self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         self.scale, self.softcap = cfg.attn_scale, cfg.attn_softcap
         q_size, kv_size = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
@@ -77,7 +78,10 @@ class Attention(nn.Module):
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, heads, T, D)
         if cache is not None:
             k, v = cache.update(self.layer, k, v)  # (B, kv_heads, S, D), S = past + T
-        out = attend(q, k, v, mask, self.scale, self.softcap)  # (B, heads, T, D)
+        if getattr(cache, "decoding", False):  # the engine's decode step: one query per row at its cache slot
+            out = decode_attention(q, k, v, cache.slots[:, 0], self.scale, self.softcap, self.window)
+        else:
+            out = attend(q, k, v, mask, self.scale, self.softcap)  # (B, heads, T, D)
         return self.o_proj(out.transpose(1, 2).reshape(B, T, -1))
 
 
