@@ -30,6 +30,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from gazelle.generation.engine import Engine  # noqa: E402
 from gazelle.generation.sampling import SamplingParams  # noqa: E402
+from gazelle.models import decoder  # noqa: E402
 from gazelle.models.loading import load_model  # noqa: E402
 
 
@@ -45,9 +46,12 @@ def main() -> None:
     ap.add_argument("--prefill-tokens", type=int, default=None,
                     help="tokens per prefill forward (rows x chunk); default: the engine's")
     ap.add_argument("--lora", action="store_true", help="a LoRA model, one optimizer step before each call")
+    ap.add_argument("--no-grouped", dest="grouped", action="store_false",
+                    help="decode q/k/v and gate/up as separate cuBLAS products, not gazelle.kernels.multi_linear")
     ap.add_argument("--profile", action="store_true",
                     help="after the timed calls, profile one more and print the CUDA kernels by total time")
     a = ap.parse_args()
+    decoder.GROUPED_DECODE = a.grouped
     path = f"/tmp/hf_baseline_{a.shape}"
     model = load_model(path, dtype=torch.bfloat16, device="cuda", load_in_4bit=a.q4)
     weights = torch.cuda.memory_allocated()
@@ -95,7 +99,7 @@ def main() -> None:
     tensors = {id(t): t for t in [*model.parameters(), *model.buffers()]}.values()
     weights_and_kv = sum(t.numel() * t.element_size() for t in tensors) + kv_bytes
     print("RESULT", json.dumps(dict(
-        impl="gazelle" + ("" if a.compile else " (no compile)"), what="generate", shape=a.shape, q4=a.q4, batch=a.batch, prompt=a.prompt, new=a.new,
+        impl="gazelle" + ("" if a.compile else " (no compile)") + ("" if a.grouped else " (separate products)"), what="generate", shape=a.shape, q4=a.q4, batch=a.batch, prompt=a.prompt, new=a.new,
         s=round(min(times), 3), tok_s=round(a.batch * a.new / min(times)),
         peak_gib=round(torch.cuda.max_memory_allocated() / 2**30, 2), weights_gib=round(weights / 2**30, 2),
         kv_cache_gib=round(kv_bytes / 2**30, 2), prefill_tokens=engine.prefill_tokens, lora=a.lora,

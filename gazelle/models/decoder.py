@@ -15,6 +15,8 @@ from torch.utils.checkpoint import checkpoint
 from gazelle.kernels.decode_attention import decode_attention
 from gazelle.kernels.glu import glu
 from gazelle.kernels.lora import fusable, lora_mlp, lora_qkv
+from gazelle.kernels.multi_linear import MAX_M as MULTI_MAX_M
+from gazelle.kernels.multi_linear import glu_linear, multi_linear
 from gazelle.kernels.rms_norm import rms_norm
 from gazelle.kernels.rope import apply_rotary_
 from gazelle.models.config import DecoderConfig
@@ -64,6 +66,10 @@ class Attention(nn.Module):
         adapted = fusable(x, self.q_proj, self.k_proj, self.v_proj)
         if adapted:
             return lora_qkv(x, *adapted)
+        if grouped(x, self.q_proj, self.k_proj, self.v_proj):
+            linears = (self.q_proj, self.k_proj, self.v_proj)
+            out = multi_linear(x, [m.weight for m in linears], [m.bias for m in linears])
+            return out.split(self.split, dim=-1)
         return self.q_proj(x), self.k_proj(x), self.v_proj(x)
 
     def forward(self, x, cos, sin, mask, cache=None):
@@ -83,6 +89,16 @@ class Attention(nn.Module):
         else:
             out = attend(q, k, v, mask, self.scale, self.softcap)  # (B, heads, T, D)
         return self.o_proj(out.transpose(1, 2).reshape(B, T, -1))
+
+
+GROUPED_DECODE = True  # benchmarks/generate.py --no-grouped turns it off to measure the separate products
+
+
+def grouped(x: torch.Tensor, *linears: nn.Module) -> bool:
+    """Whether plain linears over the same decode-sized input run as one kernel (gazelle.kernels.multi_linear):
+    q/k/v, and gate/up with the activation, read in one launch instead of three or two cuBLAS products."""
+    return (GROUPED_DECODE and x.is_cuda and not torch.is_grad_enabled() and x.shape[:-1].numel() <= MULTI_MAX_M
+            and all(type(m) is nn.Linear and m.weight.dtype == x.dtype for m in linears))
 
 
 def attend(q, k, v, mask: torch.Tensor | None, scale: float, cap: float | None) -> torch.Tensor:
@@ -150,6 +166,8 @@ class MLP(nn.Module):
             adapted = fusable(x, self.gate_proj, self.up_proj, self.down_proj)
             if adapted:
                 return lora_mlp(x, *adapted, act=self.act)
+            if grouped(x, self.gate_proj, self.up_proj) and self.gate_proj.bias is None and self.up_proj.bias is None:
+                return self.down_proj(glu_linear(x, self.gate_proj.weight, self.up_proj.weight, self.act))
             gate, up = self.gate_proj(x), self.up_proj(x)
         return self.down_proj(glu(gate, up, self.act))
 
