@@ -29,13 +29,12 @@ if __name__ == "__main__" and "--dry-run" in sys.argv:
 import torch
 import torch.nn.functional as F
 
+from benchmarks.graph_timing import graph_time, rotations
 from gazelle.kernels import multi_linear as ML
 from gazelle.kernels.glu import glu_ref
 
 ACT = "silu"
 MS = (32, 64)
-ROTATE_BYTES = 128 << 20  # bytes of weight copies cycled through in one graph: over twice the L2 of an H100/H200
-CALLS = 48  # calls per captured graph (at least; more when the copies need more)
 H100_SMS = 132
 MAX_SMEM = 220 << 10  # configs whose pipeline needs more shared memory than an H100 SM offers are not timed
 
@@ -92,34 +91,8 @@ def nbytes(ws, bs) -> int:
 
 def copies(ws, bs) -> list:
     """Enough copies of the group (fresh storage each) to cover ROTATE_BYTES."""
-    n = max(2, -(-ROTATE_BYTES // nbytes(ws, bs)))
+    n = rotations(nbytes(ws, bs))
     return [([w.clone() for w in ws], [b if b is None else b.clone() for b in bs]) for _ in range(n)]
-
-
-def graph_time(fn, items: list) -> float:
-    """Microseconds per fn(item) call, from replays of a CUDA graph calling fn on the items in turn."""
-    calls = max(CALLS, len(items))
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):  # warm-up: compiles, makes the split-K counters outside the graph
-        for item in items[:2]:
-            fn(item)
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph, stream=stream):
-        for i in range(calls):
-            fn(items[i % len(items)])
-    graph.replay()
-    times = []
-    for _ in range(5):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) * 1e3 / calls)
-    del graph
-    return sorted(times)[len(times) // 2]
 
 
 def fused(x, group: Group, cfg: dict | None = None):

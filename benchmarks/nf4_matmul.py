@@ -22,6 +22,7 @@ import itertools
 import torch
 import torch.nn.functional as F
 
+from benchmarks.graph_timing import graph_time, rotations
 from gazelle.kernels import nf4 as K
 from gazelle.quant.nf4 import dequantize_nf4, quantize_nf4
 
@@ -35,8 +36,6 @@ SHAPES = {  # name: (N, K) of W
     "down 8b": (4096, 14336),
 }
 MS = (1, 32, 64)
-ROTATE_BYTES = 128 << 20  # bytes of weight copies cycled through in one graph: over twice the L2 of an H100/H200
-CALLS = 64  # calls per captured graph (at least; more when the copies need more)
 
 
 def nf4_nbytes(q) -> int:
@@ -46,37 +45,12 @@ def nf4_nbytes(q) -> int:
 
 def copies(t, nbytes: int) -> list:
     """Enough copies of a tensor or NF4Tensor (fresh storage each) to cover ROTATE_BYTES."""
-    n = max(2, -(-ROTATE_BYTES // nbytes))
+    n = rotations(nbytes)
     if isinstance(t, torch.Tensor):
         return [t.clone() for _ in range(n)]
     return [dataclasses.replace(t, packed=t.packed.clone(), absmax=t.absmax.clone(),
                                 nested_absmax=None if t.nested_absmax is None else t.nested_absmax.clone())
             for _ in range(n)]
-
-
-def graph_time(fn, items: list) -> float:
-    """Microseconds per fn(item) call, from replays of a CUDA graph calling fn on the items in turn."""
-    calls = max(CALLS, len(items))
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):  # warm-up: compiles, allocates the counters and workspaces outside the graph
-        for item in items[:2]:
-            fn(item)
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for i in range(calls):
-            fn(items[i % len(items)])
-    graph.replay()
-    times = []
-    for _ in range(5):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) * 1e3 / calls)
-    return sorted(times)[len(times) // 2]
 
 
 def check(q, w) -> None:

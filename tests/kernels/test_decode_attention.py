@@ -20,11 +20,6 @@ from tests.kernels.check import TOLERANCE, needs_gpu, needs_interpreter
 
 
 @pytest.fixture
-def triton_mode(monkeypatch):
-    monkeypatch.setenv("GAZELLE_KERNELS", "triton")
-
-
-@pytest.fixture
 def kernel_calls(monkeypatch):
     """Counts the Triton launches of the op, so a test cannot pass on the reference alone."""
     calls = []

@@ -18,11 +18,6 @@ from gazelle.kernels.glu import (
 from tests.kernels.check import TOLERANCE, assert_matches, needs_gpu, needs_interpreter
 
 
-@pytest.fixture
-def triton_mode(monkeypatch):
-    monkeypatch.setenv("GAZELLE_KERNELS", "triton")
-
-
 def _inputs(shape, dtype=torch.float32, device="cpu", seed=0):
     """gate spread wide (saturated, tiny and exact-zero values included: both tanh branches), up ~ N(0, 1)."""
     gen = torch.Generator(device="cpu").manual_seed(seed)

@@ -29,20 +29,26 @@ def test_lora_gradients_equal_peft(family):
 
 
 def test_lora_batch_4_equals_batch_1_times_accumulation_4(tmp_path):
-    from tests.trainers.test_sft import test_lora_batch_4_equals_batch_1_times_accumulation_4 as invariant
+    from tests.trainers.test_sft import (
+        test_lora_batch_4_equals_batch_1_times_accumulation_4 as invariant,
+    )
 
     invariant(tmp_path)
 
 
 def test_qlora_trains_adapters_over_nf4_layers(tmp_path):
-    from tests.trainers.test_sft import test_qlora_trains_adapters_over_nf4_layers as invariant
+    from tests.trainers.test_sft import (
+        test_qlora_trains_adapters_over_nf4_layers as invariant,
+    )
 
     invariant(tmp_path)
 
 
 @pytest.mark.parametrize("family", ["llama", "gemma2"])
 def test_offloaded_checkpointing_gives_the_same_gradients(family):
-    from tests.models.test_offload import test_offloaded_checkpointing_gives_the_same_gradients as invariant
+    from tests.models.test_offload import (
+        test_offloaded_checkpointing_gives_the_same_gradients as invariant,
+    )
 
     invariant(family, 0.0)
 

@@ -30,11 +30,6 @@ def decoder_softcap(x: torch.Tensor, cap: float | None) -> torch.Tensor:
     return x if cap is None else torch.tanh(x / cap) * cap
 
 
-@pytest.fixture
-def triton_mode(monkeypatch):
-    monkeypatch.setenv("GAZELLE_KERNELS", "triton")
-
-
 def _problem(n=N, h=H, v=V, dtype=torch.float32, device="cpu", weight_grad=True, seed=0, scale=1.0):
     """hidden (n, h), weight (v, h) with logits of std ~ 5 * scale, targets (n,) with every 5th token ignored."""
     gen = torch.Generator().manual_seed(seed)

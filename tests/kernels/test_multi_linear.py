@@ -13,7 +13,6 @@ relative Frobenius error < 1e-2; float32 at 1e-5; and the ops in a torch.compile
 from __future__ import annotations
 
 import functools
-import logging
 
 import pytest
 import torch
@@ -25,11 +24,6 @@ from gazelle.kernels.glu import ACTS
 from tests.kernels.check import TOLERANCE, assert_matches, needs_gpu, needs_interpreter
 
 TORCH_ACTS = {"silu": F.silu, "gelu_tanh": lambda t: F.gelu(t, approximate="tanh"), "gelu": F.gelu}
-
-
-@pytest.fixture
-def triton_mode(monkeypatch):
-    monkeypatch.setenv("GAZELLE_KERNELS", "triton")
 
 
 @pytest.fixture
@@ -45,19 +39,6 @@ def launches(monkeypatch):
 
     monkeypatch.setattr(ML, "multi_linear_fused", spy)
     return calls
-
-
-@pytest.fixture
-def kernel_log(monkeypatch):
-    """Messages of the "gazelle.kernels" logger, with fresh once-per-op memories."""
-    monkeypatch.setattr(dispatch, "_logged", set())
-    records = []
-    handler = logging.Handler()
-    handler.emit = lambda record: records.append(record.getMessage())
-    logger = logging.getLogger("gazelle.kernels")
-    logger.addHandler(handler)
-    yield records
-    logger.removeHandler(handler)
 
 
 def linears(ns, k, bias=None, seed=0, device="cpu", dtype=torch.float32):

@@ -14,13 +14,11 @@ Tolerances:
 from __future__ import annotations
 
 import functools
-import logging
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from gazelle.kernels import dispatch
 from gazelle.kernels import nf4 as K
 from gazelle.quant.nf4 import dequantize_nf4, quantize_nf4
 from tests.kernels.check import assert_matches, needs_gpu, needs_interpreter
@@ -29,22 +27,10 @@ FP32_TOL = (1e-4, 1e-5)  # (atol, rtol) of float32 results on the CPU, see the m
 
 
 @pytest.fixture
-def triton_mode(monkeypatch):
-    monkeypatch.setenv("GAZELLE_KERNELS", "triton")
-
-
-@pytest.fixture
-def kernel_log(monkeypatch):
-    """Messages of the "gazelle.kernels" logger, with fresh once-per-op memories."""
-    monkeypatch.setattr(dispatch, "_logged", set())
+def kernel_log(kernel_log, monkeypatch):
+    """The shared fixture, with nf4_linear's once-per-reason memory fresh too."""
     monkeypatch.setattr(K, "_noted", set())
-    records = []
-    handler = logging.Handler()
-    handler.emit = lambda record: records.append(record.getMessage())
-    logger = logging.getLogger("gazelle.kernels")
-    logger.addHandler(handler)
-    yield records
-    logger.removeHandler(handler)
+    return kernel_log
 
 
 def weight(n: int, k: int, blocksize: int = 64, double_quant: bool = True, seed: int = 0, device="cpu"):

@@ -12,11 +12,6 @@ from tests.kernels.check import assert_matches, needs_gpu, needs_interpreter
 EPS = 1e-6
 
 
-@pytest.fixture
-def triton_mode(monkeypatch):
-    monkeypatch.setenv("GAZELLE_KERNELS", "triton")
-
-
 def _inputs(shape, offset, dtype=torch.float32, device="cpu", seed=0, weight_dtype=None):
     gen = torch.Generator().manual_seed(seed)
     x = (torch.randn(shape, generator=gen) * 2 + 0.3).to(device=device, dtype=dtype).requires_grad_()

@@ -42,11 +42,6 @@ def _fused_views(y, hq, hk, d, split=False):
     return q.view(b, t, hq, d), k.view(b, t, hk, d), v
 
 
-@pytest.fixture
-def triton_mode(monkeypatch):
-    monkeypatch.setenv("GAZELLE_KERNELS", "triton")
-
-
 def _grad_fn_name(y: torch.Tensor) -> str:
     return type(y.grad_fn).__name__
 
