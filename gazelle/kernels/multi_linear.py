@@ -204,18 +204,19 @@ def config(M: int, Ns: Sequence[int], K: int, device: torch.device, glu: bool = 
     """Tiles, K split, warps and stages of the kernel for x (M, K), M <= MAX_M, and weights of Ns rows.
 
     glu: Ns = (I, I), and a program streams a tile of each. sms: the SMs to plan for (default: the device's).
-    Not yet measured; from bandwidth arithmetic for the H100 (132 SMs, 228 KB of shared memory an SM), to be
-    settled by benchmarks/multi_linear.py's sweep:
+    From bandwidth arithmetic for the H100 (132 SMs, 228 KB of shared memory an SM), the split then set by
+    benchmarks/multi_linear.py's sweep (H100, 2026-11-22):
     - BM = max(16, next_power_of_2(M)): x in one tile, 16 rows at least (tl.dot's least);
     - BN = 64 weight rows a tile (one Hopper wgmma's rows), 32 where 64 leaves fewer tiles than half the SMs
       (qwen-1.5B's qkv: 32 tiles of 64);
     - BK = 128 columns (256 bytes of a bf16 row: 16 loads of 16 bytes), halved while fewer than 3 pipeline
       stages (stage_bytes) fit SMEM_BUDGET, so that two programs share an SM with 2-3 tiles in flight each;
       num_stages = the stages that fit, 2 to 4; 4 warps;
-    - split = as many as keep tiles * split <= 2 * SMs (every program in the first wave: a second wave of a few
-      programs would stream alone at a fraction of the bandwidth), each split at least 4 iterations, at most 16.
-    Shapes of the module docstring's profile, 132 SMs: llama-8B qkv (BN 64, BK 128, split 2: 192 programs),
-    gate/up (64, 64, no split: 224); qwen-1.5B qkv (32, 128, split 3: 192), gate/up (64, 64, no split: 140).
+    - split = as many as keep tiles * split <= SMs (one program an SM; each split at least 4 iterations, at most
+      16). Splitting up to two programs an SM was slower: llama-8B qkv at M=32 took 23.6 us with 2 splits and
+      20.3 us with none (cuBLAS: 30.7); qwen-1.5B qkv 7.1 us with 3 and 6.6 with none (cuBLAS: 16.5).
+    Shapes of the module docstring's profile, 132 SMs: llama-8B qkv (BN 64, BK 128, no split: 96 programs),
+    gate/up (64, 64, no split: 224); qwen-1.5B qkv (32, 128, split 2: 128), gate/up (64, 64, no split: 140).
     """
     bm = max(16, next_power_of_2(M))
     sms = sms or _sm_count(device)
@@ -228,7 +229,7 @@ def config(M: int, Ns: Sequence[int], K: int, device: torch.device, glu: bool = 
     while SMEM_BUDGET // stage_bytes(bm, bn, bk, glu, dtype) < 3 and bk > 32:
         bk //= 2
     stages = max(2, min(4, SMEM_BUDGET // stage_bytes(bm, bn, bk, glu, dtype)))
-    split = max(1, min(16, 2 * sms // tiles(bn), cdiv(K, bk) // 4))
+    split = max(1, min(16, sms // tiles(bn), cdiv(K, bk) // 4))
     return {"BM": bm, "BN": bn, "BK": bk, "split": split, "num_warps": 4, "num_stages": stages}
 
 
