@@ -160,11 +160,10 @@ def longest(lengths: list[int]) -> None:
             print("RESULT", json.dumps(dict(length=length, fits=False)), flush=True)
             break
         torch.cuda.synchronize()
-        pinned = sum(b.nbytes for b in model._offloader._registered)
         print("RESULT", json.dumps(dict(length=length, fits=True, loss=round(loss, 4),
                                         step_s=round(time.perf_counter() - start, 1),
                                         peak_gib=round(torch.cuda.max_memory_allocated() / 2**30, 2),
-                                        host_pinned_gib=round(pinned / 2**30, 2))), flush=True)
+                                        host_pinned_gib=round(model._offloader.pinned_bytes / 2**30, 2))), flush=True)
         del ids
 
 

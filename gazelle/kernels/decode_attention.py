@@ -23,13 +23,12 @@ as one opaque call instead of tracing the Triton launch. Inference only: it has 
 
 from __future__ import annotations
 
-import functools
-
 import torch
 
 from gazelle.kernels import dispatch
 from gazelle.kernels._triton import cdiv, jit, next_power_of_2, tl
 from gazelle.kernels.glu import tanh_f32
+from gazelle.kernels.launch import sm_count
 
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_HEAD_DIM = 256  # q, the accumulator and a key block are held in registers; wider heads run the reference
@@ -177,17 +176,9 @@ def _combine_kernel(part_m_ptr, part_l_ptr, part_acc_ptr, out_ptr, H, D, stride_
 # -------------------------------------------------------------------------------------------------- launcher
 
 
-@functools.cache
-def _sm_count(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
-
-
 def num_splits(batch: int, kv_heads: int, slots: int, block_s: int, device: torch.device) -> int:
     """Key splits per (row, kv head), from shapes only: the grid fills up to PROGRAMS_PER_SM programs per SM."""
-    if device.type == "cuda":
-        target = PROGRAMS_PER_SM * _sm_count(device.index if device.index is not None else torch.cuda.current_device())
-    else:
-        target = INTERPRETER_PROGRAMS
+    target = PROGRAMS_PER_SM * sm_count(device) if device.type == "cuda" else INTERPRETER_PROGRAMS
     return max(1, min(target // (batch * kv_heads), cdiv(slots, block_s)))
 
 

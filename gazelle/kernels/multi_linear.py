@@ -53,7 +53,7 @@ import torch.nn.functional as F
 from gazelle.kernels import dispatch
 from gazelle.kernels._triton import cdiv, jit, next_power_of_2, tl
 from gazelle.kernels.glu import ACTS, _act_fwd, glu_ref
-from gazelle.kernels.nf4 import _counters, _sm_count
+from gazelle.kernels.launch import sm_count, split_counters
 
 KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 MAX_M = 64  # rows of x up to which the kernel runs; above, the reference (cuBLAS)
@@ -219,7 +219,7 @@ def config(M: int, Ns: Sequence[int], K: int, device: torch.device, glu: bool = 
     gate/up (64, 64, no split: 224); qwen-1.5B qkv (32, 128, split 2: 128), gate/up (64, 64, no split: 140).
     """
     bm = max(16, next_power_of_2(M))
-    sms = sms or _sm_count(device)
+    sms = sms or sm_count(device)
 
     def tiles(bn: int) -> int:
         return cdiv(Ns[0], bn) if glu else sum(cdiv(n, bn) for n in Ns)
@@ -253,7 +253,7 @@ def multi_linear_fused(x2: torch.Tensor, weights: Sequence[torch.Tensor], biases
     split = cdiv(iters, per_split)  # no empty splits
     y = torch.empty(M, ns[0] if glu else sum(ns), dtype=x2.dtype, device=x2.device)
     partial = torch.empty(split, M, sum(ns), dtype=torch.float32, device=x2.device) if split > 1 else y
-    counters = _counters(x2.device, grid_n) if split > 1 else y
+    counters = split_counters(x2.device, grid_n) if split > 1 else y
     pad = MAX_WEIGHTS - len(weights)
     ws = [*weights, *[weights[0]] * pad]
     bs = [x2 if b is None else b.to(x2.dtype) for b in biases] + [x2] * pad  # x2: a stand-in never read

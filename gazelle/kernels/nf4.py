@@ -47,13 +47,12 @@ forward: one layer's W at a time. NF4 weights are frozen: no weight gradient.
 
 from __future__ import annotations
 
-import functools
-
 import torch
 import torch.nn.functional as F
 
 from gazelle.kernels import dispatch
 from gazelle.kernels._triton import cdiv, jit, next_power_of_2, tl
+from gazelle.kernels.launch import sm_count, split_counters
 from gazelle.quant.nf4 import NESTED_BLOCKSIZE, NF4Tensor, nf4_levels
 from gazelle.quant.nf4 import dequantize_nf4 as dequantize_nf4_ref
 
@@ -243,17 +242,6 @@ def _dequantize_triton(q: NF4Tensor, out: torch.Tensor) -> torch.Tensor:
     return out
 
 
-@functools.cache
-def _cuda_sm_count(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
-
-
-def _sm_count(device: torch.device) -> int:
-    if device.type != "cuda":
-        return 4  # the interpreter: a small machine, so that small tests take the split-K path too
-    return _cuda_sm_count(device.index if device.index is not None else torch.cuda.current_device())
-
-
 def fused_config(M: int, N: int, K: int, blocksize: int, device: torch.device) -> dict:
     """Tiles, K split, warps and stages of the fused kernel for an (M, K) x (N, K)^T product, M <= FUSED_MAX_M.
 
@@ -279,7 +267,7 @@ def fused_config(M: int, N: int, K: int, blocksize: int, device: torch.device) -
     nc = max(1, tile_words // (bn * cw))
     iters = cdiv(K // 8, nc * cw)
     tiles = cdiv(N, bn) * cdiv(M, bm)
-    sms = _sm_count(device)
+    sms = sm_count(device)
     if bm == 1:
         split = min(cdiv(2 * sms, tiles), iters // 4)
     elif bm < 64:
@@ -288,26 +276,6 @@ def fused_config(M: int, N: int, K: int, blocksize: int, device: torch.device) -
         split = min(4, 2 * sms // tiles)
     split = max(1, min(16, split, iters // 2))
     return {"BM": bm, "BN": bn, "NC": nc, "CW": cw, "split": split, "num_warps": 4, "num_stages": 1}
-
-
-_COUNTERS: dict = {}  # (device, stream) -> int32 counters of the split-K tiles
-_RETIRED: list = []  # counters outgrown by a larger grid: a captured CUDA graph may still point at them
-
-
-def _counters(device: torch.device, n: int) -> torch.Tensor:
-    """int32 zeros, at least n, for the split-K tile counters, kept zero by the kernel itself (each tile's last
-    program resets its counter), so no memset runs per call.
-
-    One buffer per (device, stream): launches on one stream are ordered, launches on two could interleave. The
-    first call on a stream makes it (an eager warm-up before a CUDA-graph capture, or else inside the capture,
-    where its zeroing replays with the graph). Buffers are never freed: a graph captured with one keeps it."""
-    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
-    buf = _COUNTERS.get((device, stream))
-    if buf is None or buf.numel() < n:
-        if buf is not None:
-            _RETIRED.append(buf)
-        buf = _COUNTERS[(device, stream)] = torch.zeros(max(n, 1 << 14), dtype=torch.int32, device=device)
-    return buf
 
 
 def _words(q: NF4Tensor) -> torch.Tensor | None:
@@ -344,7 +312,7 @@ def nf4_linear_fused(x2: torch.Tensor, q: NF4Tensor, bias: torch.Tensor | None =
     y = torch.empty(M, N, dtype=x2.dtype, device=x2.device)
     grid = (cdiv(N, bn), cdiv(M, bm), split)
     partial = torch.empty(split, M, N, dtype=torch.float32, device=x2.device) if split > 1 else y
-    counters = _counters(x2.device, grid[0] * grid[1]) if split > 1 else y
+    counters = split_counters(x2.device, grid[0] * grid[1]) if split > 1 else y
     absmax, nested_absmax, nested_map, offset = _stats(q)
     _fused_kernel[grid](
         x2, words, absmax, nested_absmax, nested_map, nf4_levels(x2.device), y if bias is None else bias, y,

@@ -38,6 +38,11 @@ class ActivationOffloader:
         self._stream: torch.cuda.Stream | None = None
         self._registered: list[torch.Tensor] = []  # every buffer pinned here, unpinned when the offloader goes
 
+    @property
+    def pinned_bytes(self) -> int:
+        """Host memory pinned for layer inputs so far (kept across steps)."""
+        return sum(buf.nbytes for buf in self._registered)
+
     def __del__(self):
         for buf in self._registered:
             torch.cuda.cudart().cudaHostUnregister(buf.data_ptr())
@@ -62,7 +67,7 @@ class ActivationOffloader:
         4 GiB, and 32 of them more than the host has."""
         status = int(torch.cuda.cudart().cudaHostRegister(buf.data_ptr(), buf.nbytes, 0))
         if status != 0:
-            pinned = sum(b.nbytes for b in self._registered) / 2**30
+            pinned = self.pinned_bytes / 2**30
             raise GazelleError(
                 f"offloaded checkpointing could not pin {buf.nbytes / 2**30:.2f} GiB more of host memory for a layer "
                 f"input ({pinned:.2f} GiB pinned already; cudaError {status}). The host lacks the memory for this "

@@ -161,7 +161,7 @@ def test_fallbacks(triton_mode, kernel_calls):
 
 def test_split_rule(monkeypatch):
     """B * KV * SPLITS up to 2 programs per SM (132 SMs: an H100), at least 1, at most one split per key block."""
-    monkeypatch.setattr(da, "_sm_count", lambda index: 132)
+    monkeypatch.setattr(da, "sm_count", lambda device: 132)
     gpu = torch.device("cuda", 0)
     assert da.num_splits(64, 2, 384, 64, gpu) == 2
     assert da.num_splits(32, 8, 384, 64, gpu) == 1

@@ -181,7 +181,7 @@ def test_kernel_configs(cfg, k):
                                    atol=atol, rtol=rtol)
         torch.testing.assert_close(ML.multi_linear_fused(x, ws[1:], [None, None], "gelu_tanh", cfg),
                                    ML.glu_linear_ref(x, ws[1], ws[2], "gelu_tanh"), atol=atol, rtol=rtol)
-    assert not ML._counters(x.device, 1).any()
+    assert not ML.split_counters(x.device, 1).any()
 
 
 @needs_interpreter
