@@ -47,7 +47,8 @@ def main() -> None:
                     help="tokens per prefill forward (rows x chunk); default: the engine's")
     ap.add_argument("--lora", action="store_true", help="a LoRA model, one optimizer step before each call")
     ap.add_argument("--no-grouped", dest="grouped", action="store_false",
-                    help="decode q/k/v and gate/up as separate cuBLAS products, not gazelle.kernels.multi_linear")
+                    help="decode q/k/v and gate/up as separate products (cuBLAS, or an NF4 launch a weight), not "
+                         "one grouped launch each (gazelle.kernels.multi_linear, the grouped NF4 kernel)")
     ap.add_argument("--profile", action="store_true",
                     help="after the timed calls, profile one more and print the CUDA kernels by total time")
     a = ap.parse_args()

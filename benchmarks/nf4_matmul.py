@@ -11,6 +11,9 @@ call reads its weight from HBM as a real decode step does. GB/s: the bytes of th
 (NF4: packed codes + block statistics; bf16: 2 bytes an element) over its time.
 --sweep times the fused kernel's configurations (tiles, warps, stages) per shape and M instead; --sweep --splits
 the default tiles at each K split.
+--grouped times the decode step's groups instead (q/k/v; gate/up with the activation): dense bf16 in one launch
+(gazelle.kernels.multi_linear), NF4 one launch a weight (nf4_linear, then the glu kernel), NF4 in one launch
+(nf4_multi_linear, nf4_glu_linear); with --sweep, the grouped launch's tiles and K splits.
 """
 
 from __future__ import annotations
@@ -24,6 +27,8 @@ import torch.nn.functional as F
 
 from benchmarks.graph_timing import graph_time, rotations
 from gazelle.kernels import nf4 as K
+from gazelle.kernels.glu import glu
+from gazelle.kernels.multi_linear import glu_linear, multi_linear
 from gazelle.quant.nf4 import dequantize_nf4, quantize_nf4
 
 SHAPES = {  # name: (N, K) of W
@@ -36,6 +41,12 @@ SHAPES = {  # name: (N, K) of W
     "down 8b": (4096, 14336),
 }
 MS = (1, 32, 64)
+GROUPS = {  # name: (rows of each weight, K, glu)
+    "qkv 1.5b": ((1536, 256, 256), 1536, False),
+    "gate/up 1.5b": ((8960, 8960), 1536, True),
+    "qkv 8b": ((4096, 1024, 1024), 4096, False),
+    "gate/up 8b": ((14336, 14336), 4096, True),
+}
 
 
 def nf4_nbytes(q) -> int:
@@ -105,10 +116,69 @@ def sweep(q0, m: int, splits: bool = False) -> None:
         print(f"    {t:7.1f} us {nf4_nbytes(q0) / t / 1e3:5.0f} GB/s  {cfg}")
 
 
+def grouped(names: list[str], ms: list[int], sweep_configs: bool) -> None:
+    """The decode step's groups: dense bf16 grouped, NF4 one launch a weight, NF4 grouped (or a sweep of the last)."""
+    head = (f"{'group':13} {'M':>3} | {'bf16 1 launch':>13} {'nf4 per weight':>14} {'nf4 1 launch':>12} | "
+            f"{'nf4 1/bf16':>10} {'nf4 1/per':>9}")
+    if not sweep_configs:
+        print(head + "\n" + "-" * len(head))
+    for (name, (ns, k, is_glu)), m in itertools.product(names, ms):
+        dense = [(torch.randn(n, k, device="cuda") * 0.02).to(torch.bfloat16) for n in ns]
+        quant = [quantize_nf4(w, 64, double_quant=True) for w in dense]
+        nbytes = sum(nf4_nbytes(q) for q in quant)
+        groups = list(zip(*[copies(q, nbytes) for q in quant]))  # copies of the whole group, past L2
+        dense_groups = list(zip(*[copies(w, sum(w.nbytes for w in dense)) for w in dense]))
+        x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+        if is_glu:
+            one = lambda qs, cfg=None: K.nf4_grouped_fused(x, qs, [None, None], "silu", cfg)  # noqa: E731
+            ref = glu(x.float() @ dequantize_nf4(quant[0], torch.float32).T,
+                      x.float() @ dequantize_nf4(quant[1], torch.float32).T, "silu")
+        else:
+            one = lambda qs, cfg=None: K.nf4_grouped_fused(x, qs, [None] * len(qs), None, cfg)  # noqa: E731
+            ref = torch.cat([x.float() @ dequantize_nf4(q, torch.float32).T for q in quant], -1)
+        err = ((one(quant).float() - ref).norm() / ref.norm()).item()
+        assert err < 1e-2, f"{name} M={m}: relative error {err:.2e}"
+        if sweep_configs:
+            default = K.fused_config(m, list(ns), k, 64, x.device, is_glu)
+            bm = default["BM"]
+            rows = []
+            tiles = [(bn, 1024) for bn in ((8, 16, 32) if m == 1 else (32, 64, 128))]
+            tiles += [(default["BN"], 512), (default["BN"], 2048)]
+            for (bn, words), split in itertools.product(tiles, (1, 2, 4, 8)):
+                nc = words // (bn * 8)
+                if nc < 1 or nc * 8 * split > k // 8:
+                    continue
+                cfg = {"BM": bm, "BN": bn, "NC": nc, "CW": 8, "split": split}
+                try:
+                    rows.append((graph_time(lambda qs, cfg=cfg: one(qs, cfg), groups), cfg))
+                except Exception as e:  # noqa: BLE001 (a configuration the compiler rejects: skip it)
+                    print(f"    {cfg}: {type(e).__name__}: {str(e)[:80]}")
+            rows.sort(key=lambda r: r[0])
+            print(f"  {name} M={m}: default {default} {graph_time(one, groups):.1f} us; best:")
+            for t, cfg in rows[:4]:
+                print(f"    {t:7.1f} us {nbytes / t / 1e3:5.0f} GB/s  {cfg}")
+            continue
+        if is_glu:
+            t_dense = graph_time(lambda ws: glu_linear(x, ws[0], ws[1], "silu"), dense_groups)
+            t_each = graph_time(lambda qs: glu(K.nf4_linear(x, qs[0]), K.nf4_linear(x, qs[1]), "silu"), groups)
+            t_one = graph_time(lambda qs: K.nf4_glu_linear(x, qs[0], qs[1], "silu"), groups)
+        else:
+            t_dense = graph_time(lambda ws: multi_linear(x, ws), dense_groups)
+            t_each = graph_time(lambda qs: [K.nf4_linear(x, q) for q in qs], groups)
+            t_one = graph_time(lambda qs: K.nf4_multi_linear(x, qs), groups)
+        print(f"{name:13} {m:3} | {t_dense:13.1f} {t_each:14.1f} {t_one:12.1f} | {t_one / t_dense:10.2f} "
+              f"{t_one / t_each:9.2f}")
+    if not sweep_configs:
+        print("GPU microseconds per group (CUDA-graph replays, weights rotated past L2); checks: NF4 grouped within "
+              "1e-2 of float32 products")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--sweep", action="store_true", help="time the fused kernel's configurations per shape")
     parser.add_argument("--splits", action="store_true", help="with --sweep: the default tiles at every K split")
+    parser.add_argument("--grouped", action="store_true", help="the decode step's groups (q/k/v, gate/up) instead")
+    parser.add_argument("--groups", default="", help="with --grouped: comma-separated names of GROUPS (all)")
     parser.add_argument("--shapes", default=",".join(SHAPES), help="comma-separated names of SHAPES")
     parser.add_argument("--m", default=",".join(map(str, MS)), help="comma-separated rows of x")
     args = parser.parse_args()
@@ -117,6 +187,9 @@ def main() -> None:
     import triton
 
     print(torch.cuda.get_device_name(), "torch", torch.__version__, "triton", triton.__version__)
+    if args.grouped:
+        grouped([(n, GROUPS[n]) for n in (args.groups.split(",") if args.groups else GROUPS)], ms, args.sweep)
+        return
     weights = {}
     for name in names:
         n, k = SHAPES[name]

@@ -26,8 +26,8 @@ The kernel (M <= MAX_M), grid (output tiles, K splits):
   on load, so loads need no masks, and masked on store.
 - K split: when the tiles are too few to keep every SM streaming, K is split; each program writes its float32
   partial and the tile's last program (an atomic counter) adds the partials in split order (deterministic),
-  adds the bias or applies the activation and writes y: one launch, no reduction kernel, no memset. The
-  counters are gazelle.kernels.nf4's (per device and stream, kept zero by the kernels that use them).
+  adds the bias or applies the activation and writes y: one launch, no reduction kernel, no memset (the
+  weight selection and this epilogue are gazelle.kernels.grouped's, shared with the grouped NF4 kernel).
 Everything is CUDA-graph capturable: no host sync, launch parameters from shapes only; the split-K counters are
 made by the first, eager call. config() holds the tile rule; benchmarks/multi_linear.py times it against cuBLAS
 and sweeps alternatives. Not yet timed on a GPU; compiled offline for sm_90 (Triton 3.9, ptxas): the loads are
@@ -52,7 +52,8 @@ import torch.nn.functional as F
 
 from gazelle.kernels import dispatch
 from gazelle.kernels._triton import cdiv, jit, next_power_of_2, tl
-from gazelle.kernels.glu import ACTS, _act_fwd, glu_ref
+from gazelle.kernels.glu import ACTS, glu_ref
+from gazelle.kernels.grouped import finish, pick
 from gazelle.kernels.launch import sm_count, split_counters
 
 KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -77,12 +78,6 @@ def glu_linear_ref(x: torch.Tensor, gate_w: torch.Tensor, up_w: torch.Tensor, ac
 
 
 # ---------------------------------------------------------------------------------------------------- kernel
-
-
-@jit
-def _pick(pid, t1, t2, t3, a0, a1, a2, a3):
-    """a_i of the weight i that output tile pid belongs to: tiles [0, t1) are weight 0's, [t1, t2) weight 1's, ..."""
-    return tl.where(pid >= t3, a3, tl.where(pid >= t2, a2, tl.where(pid >= t1, a1, a0)))
 
 
 @jit
@@ -115,27 +110,6 @@ def _dots(x_ptr, w_ptr, u_ptr, rm, rn, K, stride_xm, k_begin, k_end, BM: tl.cons
 
 
 @jit
-def _sum_splits(partial_ptr, offs, mask, split_stride, SPLIT: tl.constexpr):
-    """The SPLIT float32 partials at offs, added in split order; .cg reads them from L2, where the others wrote."""
-    out = tl.load(partial_ptr + offs, mask=mask, other=0.0, cache_modifier=".cg")
-    for s in range(1, SPLIT):
-        out += tl.load(partial_ptr + s * split_stride + offs, mask=mask, other=0.0, cache_modifier=".cg")
-    return out
-
-
-@jit
-def _epilogue(acc, acc_u, y_ptr, y_offs, mask, b_ptr, rn, bias_mask, HAS_BIAS: tl.constexpr, GLU: tl.constexpr,
-              ACT: tl.constexpr):
-    """y = acc + bias, or act(acc) * acc_u, rounded once to y's dtype."""
-    out = acc
-    if HAS_BIAS:
-        out += tl.load(b_ptr + rn, mask=bias_mask, other=0.0).to(tl.float32)[:, None]
-    if GLU:
-        out = _act_fwd(acc, ACT) * acc_u
-    tl.store(y_ptr + y_offs, out.to(y_ptr.dtype.element_ty), mask=mask)
-
-
-@jit
 def _multi_linear_kernel(x_ptr, y_ptr, partial_ptr, counter_ptr, w0, w1, w2, w3, b0, b1, b2, b3, n0, n1, n2, n3,
                          t1, t2, t3, M, K, stride_xm, split_len,
                          BIAS: tl.constexpr, GLU: tl.constexpr, ACT: tl.constexpr, BM: tl.constexpr,
@@ -152,14 +126,14 @@ def _multi_linear_kernel(x_ptr, y_ptr, partial_ptr, counter_ptr, w0, w1, w2, w3,
     if GLU:
         w_ptr, b_ptr, n, first, col, y_cols, n_bias = w0, b0, n0, 0, 0, n0, 0
     else:
-        w_ptr = _pick(pid, t1, t2, t3, w0, w1, w2, w3)
-        b_ptr = _pick(pid, t1, t2, t3, b0, b1, b2, b3)
-        n = _pick(pid, t1, t2, t3, n0, n1, n2, n3)
-        first = _pick(pid, t1, t2, t3, 0, t1, t2, t3)  # the weight's first tile
-        col = _pick(pid, t1, t2, t3, 0, n0, n0 + n1, n0 + n1 + n2)  # the weight's first column in y
+        w_ptr = pick(pid, t1, t2, t3, w0, w1, w2, w3)
+        b_ptr = pick(pid, t1, t2, t3, b0, b1, b2, b3)
+        n = pick(pid, t1, t2, t3, n0, n1, n2, n3)
+        first = pick(pid, t1, t2, t3, 0, t1, t2, t3)  # the weight's first tile
+        col = pick(pid, t1, t2, t3, 0, n0, n0 + n1, n0 + n1 + n2)  # the weight's first column in y
         # the bias's rows: n, or 0 for a weight without bias
-        n_bias = _pick(pid, t1, t2, t3, n0 * (BIAS & 1), n1 * ((BIAS >> 1) & 1), n2 * ((BIAS >> 2) & 1),
-                       n3 * ((BIAS >> 3) & 1))
+        n_bias = pick(pid, t1, t2, t3, n0 * (BIAS & 1), n1 * ((BIAS >> 1) & 1), n2 * ((BIAS >> 2) & 1),
+                      n3 * ((BIAS >> 3) & 1))
         y_cols = p_cols
     rn = (pid - first) * BN + tl.arange(0, BN)  # (BN,) rows of the weight
     rm = tl.arange(0, BM)  # (BM,) rows of x
@@ -170,26 +144,9 @@ def _multi_linear_kernel(x_ptr, y_ptr, partial_ptr, counter_ptr, w0, w1, w2, w3,
     acc, acc_u = _dots(x_ptr, w_ptr, w1, tl.minimum(rm, M - 1), tl.minimum(rn, n - 1), K, stride_xm, k_begin,
                        k_end, BM, BN, BK, GLU, EVEN_K, PRECISION)
     y_offs = rm[None, :] * y_cols + (col + rn)[:, None]  # (BN, BM) offsets in y (M, y_cols)
-    bias_mask = rn < n_bias
-    if SPLIT == 1:
-        _epilogue(acc, acc_u, y_ptr, y_offs, mask, b_ptr, rn, bias_mask, BIAS != 0, GLU, ACT)
-    else:
-        # Partial sums to partial; the tile's last program (counted atomically) adds them in split order, so the
-        # result does not depend on which program finishes last.
-        split_stride = M * p_cols
-        p_offs = rm[None, :] * p_cols + (col + rn)[:, None]  # (BN, BM) offsets in partial[s] (M, p_cols)
-        tl.store(partial_ptr + pid_k * split_stride + p_offs, acc, mask=mask)
-        if GLU:
-            tl.store(partial_ptr + pid_k * split_stride + n0 + p_offs, acc_u, mask=mask)
-        tl.debug_barrier()  # every thread's partial is written before the counter says so
-        done = tl.atomic_add(counter_ptr + pid, 1, sem="acq_rel")
-        if done == SPLIT - 1:
-            acc = _sum_splits(partial_ptr, p_offs, mask, split_stride, SPLIT)
-            if GLU:
-                acc_u = _sum_splits(partial_ptr + n0, p_offs, mask, split_stride, SPLIT)
-            tl.atomic_xchg(counter_ptr + pid, 0)  # zero again for the next launch
-            _epilogue(acc, acc_u, y_ptr, y_offs, mask, b_ptr, rn, bias_mask, BIAS != 0, GLU, ACT)
-
+    p_offs = rm[None, :] * p_cols + (col + rn)[:, None]  # (BN, BM) offsets in partial[s] (M, p_cols)
+    finish(acc, acc_u, y_ptr, y_offs, mask, b_ptr, rn, rn < n_bias, partial_ptr, p_offs, M * p_cols, n0,
+           counter_ptr, pid, pid_k, BIAS != 0, GLU, ACT, SPLIT)
 
 # ---------------------------------------------------------------------------------------------------- launcher
 

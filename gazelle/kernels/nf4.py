@@ -16,6 +16,11 @@ nf4_linear(x, q, bias), M = rows of x:
   the next tile's loads are issued before the current one is decoded. When the grid of output tiles is too
   small, K is split and the last program of each tile (an atomic counter) adds the float32 partials in split
   order (deterministic), adds the bias and writes y: one launch, no reduction kernel, no memset.
+- nf4_multi_linear(x, [q_1, ..], [b_1, ..]) and nf4_glu_linear(x, G, U, act), the decode step's q/k/v and
+  gate/up: the same kernel over up to MAX_GROUP weights in one launch (gazelle.kernels.grouped: each program
+  picks its weight's words, statistics and bias; glu streams a tile of G, then the same rows of U, and writes
+  act(gate) * up). No weight is concatenated or copied. Small weights (qwen-1.5B's 256-row k/v) alone leave
+  most SMs idle; in one launch with q they share the grid, and gate/up need no activation kernel.
 - otherwise (prefill, training): W is dequantized into a temporary and F.linear (cuBLAS) multiplies.
 - K not a multiple of the blocksize (rows do not start on a block), or a packed buffer not 4-byte aligned:
   the fused kernel cannot walk W by rows of words, so the dequantize kernel + F.linear run, logged once.
@@ -47,17 +52,23 @@ forward: one layer's W at a time. NF4 weights are frozen: no weight gradient.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from itertools import accumulate
+
 import torch
 import torch.nn.functional as F
 
 from gazelle.kernels import dispatch
 from gazelle.kernels._triton import cdiv, jit, next_power_of_2, tl
+from gazelle.kernels.glu import ACTS, glu
+from gazelle.kernels.grouped import finish, pick
 from gazelle.kernels.launch import sm_count, split_counters
 from gazelle.quant.nf4 import NESTED_BLOCKSIZE, NF4Tensor, nf4_levels
 from gazelle.quant.nf4 import dequantize_nf4 as dequantize_nf4_ref
 
 KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 FUSED_MAX_M = 64  # rows of x up to which nf4_linear runs the fused kernel; above, dequantize + cuBLAS
+MAX_GROUP = 3  # NF4 weights of one grouped launch (q, k, v)
 DEQUANT_BYTES = 1024  # packed bytes per program of the dequantize kernel (2048 elements)
 
 
@@ -142,12 +153,11 @@ def _load_tile(w_ptrs, x_ptrs, kw, k_end, word, chunk, cols, mask_n, mask_m, fir
 
 
 @jit
-def _fused_kernel(x_ptr, words_ptr, absmax_ptr, nested_absmax_ptr, nested_map_ptr, levels_ptr, bias_ptr, y_ptr,
-                  partial_ptr, counter_ptr, M, N, stride_xm, row_words, split_words, offset,
-                  BLOCKSIZE: tl.constexpr, DOUBLE_QUANT: tl.constexpr, NESTED: tl.constexpr, HAS_BIAS: tl.constexpr,
-                  BM: tl.constexpr, BN: tl.constexpr, NC: tl.constexpr, CW: tl.constexpr, SPLIT: tl.constexpr,
-                  EVEN_K: tl.constexpr, PRECISION: tl.constexpr):
-    """y (M, N) = x (M, K) @ W^T + bias for one (BM, BN) tile of y and one K split; grid (N tiles, M tiles, SPLIT).
+def _stream(x_ptr, words_ptr, absmax_ptr, nested_absmax_ptr, nested_map_ptr, offset, table, rn, rm, pid_m, mask_n,
+            mask_m, stride_xm, row_words, k_begin, k_end,
+            BLOCKSIZE: tl.constexpr, DOUBLE_QUANT: tl.constexpr, NESTED: tl.constexpr, BM: tl.constexpr,
+            BN: tl.constexpr, NC: tl.constexpr, CW: tl.constexpr, EVEN_K: tl.constexpr, PRECISION: tl.constexpr):
+    """x[rm] @ W[rn]^T over W's words [k_begin, k_end) of one NF4 weight: (BN, BM) float32 ((BN, 1) when BM == 1).
 
     An iteration takes a (BN, NC, CW) tile of int32 words: NC chunks of CW words (8 * CW columns), each chunk
     inside one NF4 block (CW divides the block's words), so a chunk's scale is one value. BM == 1: float32
@@ -159,14 +169,8 @@ def _fused_kernel(x_ptr, words_ptr, absmax_ptr, nested_absmax_ptr, nested_map_pt
     WPB: tl.constexpr = BLOCKSIZE // 8  # int32 words per NF4 block
     BK: tl.constexpr = NC * CW * 8  # columns of W per iteration
     STEP: tl.constexpr = NC * CW  # words per iteration
-    pid_n, pid_m, pid_k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    rn = pid_n * BN + tl.arange(0, BN)  # (BN,) rows of W
-    rm = pid_m * BM + tl.arange(0, BM)  # (BM,) rows of x
-    mask_n, mask_m = rn < N, rm < M
     chunk = tl.arange(0, NC) * CW  # (NC,) first word of each chunk in the tile
     word = chunk[:, None] + tl.arange(0, CW)[None, :]  # (NC, CW) word of the tile
-    k_begin = pid_k * split_words  # in words; a split is a whole number of iterations, never empty
-    k_end = tl.minimum(k_begin + split_words, row_words)
     k_last = k_begin + (k_end - k_begin - 1) // STEP * STEP  # the split's last iteration
     w_ptrs = words_ptr + rn.to(tl.int64)[:, None, None] * row_words + word[None, :, :]  # (BN, NC, CW) at k = 0
     first_block = rn.to(tl.int64) * (row_words // WPB)  # (BN,) block of W[n, 0]
@@ -177,7 +181,6 @@ def _fused_kernel(x_ptr, words_ptr, absmax_ptr, nested_absmax_ptr, nested_map_pt
     else:
         x_ptrs = x_ptr + rm.to(tl.int64)[:, None] * stride_xm + cols[None, :]  # (BM, BK) at k = 0
         acc = tl.zeros((BN, BM), tl.float32)
-    table = tl.load(levels_ptr + tl.arange(0, 16))
     w, scale, x = _load_tile(w_ptrs, x_ptrs, k_begin, k_end, word, chunk, cols, mask_n, mask_m, first_block,
                              absmax_ptr, nested_absmax_ptr, nested_map_ptr, offset, WPB, BM, EVEN_K, DOUBLE_QUANT,
                              NESTED)
@@ -198,27 +201,60 @@ def _fused_kernel(x_ptr, words_ptr, absmax_ptr, nested_absmax_ptr, nested_map_pt
         out = tl.sum(acc, axis=1)[:, None]  # (BN, 1)
     else:
         out = acc
-    y_offs = rm.to(tl.int64)[None, :] * N + rn[:, None]  # (BN, BM) offsets in y (M, N)
-    mask_y = mask_n[:, None] & mask_m[None, :]
-    if SPLIT > 1:
-        # Partial sums to partial (SPLIT, M, N); the tile's last program (counted atomically) adds them in
-        # split order, so the result does not depend on which program finishes last.
-        tl.store(partial_ptr + pid_k * M * N + y_offs, out, mask=mask_y)
-        tl.debug_barrier()  # every thread's partial is written before the counter says so
-        tile = pid_m * tl.num_programs(0) + pid_n
-        done = tl.atomic_add(counter_ptr + tile, 1, sem="acq_rel")
-        if done == SPLIT - 1:
-            out = tl.load(partial_ptr + y_offs, mask=mask_y, other=0.0, cache_modifier=".cg")
-            for s in range(1, SPLIT):
-                out += tl.load(partial_ptr + s * M * N + y_offs, mask=mask_y, other=0.0, cache_modifier=".cg")
-            tl.atomic_xchg(counter_ptr + tile, 0)  # zero again for the next launch
-            if HAS_BIAS:
-                out += tl.load(bias_ptr + rn, mask=mask_n, other=0.0).to(tl.float32)[:, None]
-            tl.store(y_ptr + y_offs, out.to(y_ptr.dtype.element_ty), mask=mask_y)
+    return out  # one return: the compiler checks every return a specialization reaches against the others
+
+
+@jit
+def _fused_kernel(x_ptr, levels_ptr, y_ptr, partial_ptr, counter_ptr,
+                  w0, w1, w2, a0, a1, a2, na0, na1, na2, nm0, nm1, nm2, f0, f1, f2, b0, b1, b2, n0, n1, n2, t1, t2,
+                  M, stride_xm, row_words, split_words,
+                  BLOCKSIZE: tl.constexpr, DOUBLE_QUANT: tl.constexpr, NESTED: tl.constexpr, BIAS: tl.constexpr,
+                  GLU: tl.constexpr, ACT: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, NC: tl.constexpr,
+                  CW: tl.constexpr, SPLIT: tl.constexpr, EVEN_K: tl.constexpr, PRECISION: tl.constexpr):
+    """One (BN, BM) tile of y and one K split over 1-3 NF4 weights of one K; grid (output tiles, M tiles, SPLIT).
+
+    Weight i: packed words w_i, absmax a_i, nested absmax na_i, nested map nm_i, offset f_i, bias b_i (bit i of
+    BIAS set when it exists), n_i rows; tiles [t_1, t_2) are weight 1's (gazelle.kernels.grouped.pick).
+    Grouped: y (M, n0 + n1 + n2) = x @ [W0; W1; W2]^T + [b0 | b1 | b2]. GLU: y (M, n0) = act(x W0^T) * (x W1^T),
+    n1 = n0, n2 = 0: a program streams its tile of W0, then the same rows of W1.
+    """
+    pid_n, pid_m, pid_k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    t3 = tl.num_programs(0)  # no fourth weight
+    p_cols = n0 + n1 + n2  # columns of partial
+    if GLU:
+        words, absmax, nested_absmax, nested_map, offset = w0, a0, na0, nm0, f0
+        b_ptr, n, first, col, y_cols, n_bias = b0, n0, 0, 0, n0, 0
     else:
-        if HAS_BIAS:
-            out += tl.load(bias_ptr + rn, mask=mask_n, other=0.0).to(tl.float32)[:, None]
-        tl.store(y_ptr + y_offs, out.to(y_ptr.dtype.element_ty), mask=mask_y)
+        words = pick(pid_n, t1, t2, t3, w0, w1, w2, w2)
+        absmax = pick(pid_n, t1, t2, t3, a0, a1, a2, a2)
+        nested_absmax = pick(pid_n, t1, t2, t3, na0, na1, na2, na2)
+        nested_map = pick(pid_n, t1, t2, t3, nm0, nm1, nm2, nm2)
+        offset = pick(pid_n, t1, t2, t3, f0, f1, f2, f2)
+        b_ptr = pick(pid_n, t1, t2, t3, b0, b1, b2, b2)
+        n = pick(pid_n, t1, t2, t3, n0, n1, n2, n2)
+        first = pick(pid_n, t1, t2, t3, 0, t1, t2, t2)  # the weight's first tile
+        col = pick(pid_n, t1, t2, t3, 0, n0, n0 + n1, n0 + n1)  # the weight's first column in y
+        # the bias's rows: n, or 0 for a weight without bias
+        n_bias = pick(pid_n, t1, t2, t3, n0 * (BIAS & 1), n1 * ((BIAS >> 1) & 1), n2 * ((BIAS >> 2) & 1), 0)
+        y_cols = p_cols
+    rn = (pid_n - first) * BN + tl.arange(0, BN)  # (BN,) rows of the weight
+    rm = pid_m * BM + tl.arange(0, BM)  # (BM,) rows of x
+    mask_n, mask_m = rn < n, rm < M
+    k_begin = pid_k * split_words  # in words; a split is a whole number of iterations, never empty
+    k_end = tl.minimum(k_begin + split_words, row_words)
+    table = tl.load(levels_ptr + tl.arange(0, 16))
+    acc = _stream(x_ptr, words, absmax, nested_absmax, nested_map, offset, table, rn, rm, pid_m, mask_n, mask_m,
+                  stride_xm, row_words, k_begin, k_end, BLOCKSIZE, DOUBLE_QUANT, NESTED, BM, BN, NC, CW, EVEN_K,
+                  PRECISION)
+    acc_u = acc
+    if GLU:
+        acc_u = _stream(x_ptr, w1, a1, na1, nm1, f1, table, rn, rm, pid_m, mask_n, mask_m, stride_xm, row_words,
+                        k_begin, k_end, BLOCKSIZE, DOUBLE_QUANT, NESTED, BM, BN, NC, CW, EVEN_K, PRECISION)
+    y_offs = rm.to(tl.int64)[None, :] * y_cols + (col + rn)[:, None]  # (BN, BM) offsets in y (M, y_cols)
+    p_offs = rm.to(tl.int64)[None, :] * p_cols + (col + rn)[:, None]  # (BN, BM) offsets in partial[s]
+    mask = mask_n[:, None] & mask_m[None, :]
+    finish(acc, acc_u, y_ptr, y_offs, mask, b_ptr, rn, rn < n_bias, partial_ptr, p_offs, M * p_cols, n0,
+           counter_ptr, pid_m * tl.num_programs(0) + pid_n, pid_k, BIAS != 0, GLU, ACT, SPLIT)
 
 
 # ---------------------------------------------------------------------------------------------------- launchers
@@ -242,31 +278,35 @@ def _dequantize_triton(q: NF4Tensor, out: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def fused_config(M: int, N: int, K: int, blocksize: int, device: torch.device) -> dict:
-    """Tiles, K split, warps and stages of the fused kernel for an (M, K) x (N, K)^T product, M <= FUSED_MAX_M.
+def fused_config(M: int, N: int | Sequence[int], K: int, blocksize: int, device: torch.device,
+                 glu: bool = False) -> dict:
+    """Tiles, K split, warps and stages of the fused kernel for x (M, K), M <= FUSED_MAX_M, and weights (N_i, K).
 
+    N: one weight's rows, or the rows of each weight of a group; glu: N = (I, I), a program streams a tile of each.
     From sweeps on an H100 (benchmarks/nf4_matmul.py --sweep; llama-8B and qwen-1.5B shapes; the chosen tile is
     within ~5% of the best one found for each shape):
     - M == 1, the GEMV form: BN = 8 rows, 512 words a tile (4 words, 16 bytes, a thread at 4 warps);
     - M >= 2: BM = M rounded up to a power of two, 16 at least (tl.dot's least); 1024 words a tile as
-      (BN, BK) = (64, 128), or (128, 64) for 64 rows of x on wide weights (N >= 8192);
+      (BN, BK) = (64, 128), or (128, 64) for 64 rows of x on wide weights (N >= 8192, not glu: two accumulators
+      of 128 x 64 would not fit the registers);
     - CW = min(8, words per block): a chunk never straddles two NF4 blocks;
-    - split (K splits, each at least two iterations): GEMV: about 2 programs per SM (cdiv(2 * SMs, tiles)),
-      only where each split keeps 4 iterations (splitting short rows cost 25-75%); tl.dot form, BM < 64:
-      max(4, iterations // 8) (the best or within 10% of it on every shape measured); BM = 64: 2 * SMs // tiles,
-      1 to 4;
+    - split (K splits, each at least two iterations), from the output tiles of all weights: GEMV: about 2
+      programs per SM (cdiv(2 * SMs, tiles)), only where each split keeps 4 iterations (splitting short rows
+      cost 25-75%); tl.dot form, BM < 64: max(4, iterations // 8) (the best or within 10% of it on every shape
+      measured); BM = 64: 2 * SMs // tiles, 1 to 4;
     - one stage, 4 warps: more stages or warps were never faster (the loads are double-buffered by hand).
     """
+    ns = [N] if isinstance(N, int) else list(N)
     cw = min(8, blocksize // 8)
     if M == 1:
         bm, bn, tile_words = 1, 8, 512
     else:
         bm = max(16, next_power_of_2(M))
-        bn = 128 if bm >= 64 and N >= 8192 else 64
+        bn = 128 if bm >= 64 and max(ns) >= 8192 and not glu else 64
         tile_words = 1024
     nc = max(1, tile_words // (bn * cw))
     iters = cdiv(K // 8, nc * cw)
-    tiles = cdiv(N, bn) * cdiv(M, bm)
+    tiles = (cdiv(ns[0], bn) if glu else sum(cdiv(n, bn) for n in ns)) * cdiv(M, bm)
     sms = sm_count(device)
     if bm == 1:
         split = min(cdiv(2 * sms, tiles), iters // 4)
@@ -298,10 +338,22 @@ def _unfusable(q: NF4Tensor) -> str | None:
 def nf4_linear_fused(x2: torch.Tensor, q: NF4Tensor, bias: torch.Tensor | None = None,
                      config: dict | None = None) -> torch.Tensor:
     """y (M, N) = x2 (M, K) @ W^T + bias in x2's dtype by the fused kernel; `config` overrides fused_config's."""
-    (M, K), N = x2.shape, q.shape[0]
-    words = _words(q)
-    assert words is not None and K % q.blocksize == 0, _unfusable(q)
-    cfg = fused_config(M, N, K, q.blocksize, x2.device) | (config or {})
+    return nf4_grouped_fused(x2, [q], [bias], None, config)
+
+
+def nf4_grouped_fused(x2: torch.Tensor, qs: Sequence[NF4Tensor], biases: Sequence[torch.Tensor | None],
+                      act: str | None = None, config: dict | None = None) -> torch.Tensor:
+    """The fused kernel over 1 to MAX_GROUP NF4 weights of one blocksize and quantization, in one launch.
+
+    act None: y (M, sum N_i) = [x2 W_1^T + b_1 | ..]; act given: y (M, I) = act(x2 G^T) * (x2 U^T) for qs = (G, U)
+    and no biases. Biases in x2's dtype. `config` overrides fused_config's entries.
+    """
+    (M, K), glu, q0 = x2.shape, act is not None, qs[0]
+    ns = [q.shape[0] for q in qs]
+    words = [_words(q) for q in qs]
+    assert all(w is not None for w in words) and K % q0.blocksize == 0, _unfusable(q0)
+    assert all(q.blocksize == q0.blocksize and q.double_quant == q0.double_quant for q in qs), "mixed quantization"
+    cfg = fused_config(M, ns, K, q0.blocksize, x2.device, glu) | (config or {})
     bm, bn, nc, cw = cfg["BM"], cfg["BN"], cfg["NC"], cfg["CW"]
     step = nc * cw  # words an iteration
     iters = cdiv(K // 8, step)
@@ -309,16 +361,24 @@ def nf4_linear_fused(x2: torch.Tensor, q: NF4Tensor, bias: torch.Tensor | None =
     split = cdiv(iters, per_split)  # no empty splits
     if x2.stride(1) != 1:
         x2 = x2.contiguous()
-    y = torch.empty(M, N, dtype=x2.dtype, device=x2.device)
-    grid = (cdiv(N, bn), cdiv(M, bm), split)
-    partial = torch.empty(split, M, N, dtype=torch.float32, device=x2.device) if split > 1 else y
+    tiles = [cdiv(ns[0], bn)] if glu else [cdiv(n, bn) for n in ns]
+    grid = (sum(tiles), cdiv(M, bm), split)
+    offsets = list(accumulate(tiles))[:-1]  # first tile of weights 1, 2
+    offsets += [grid[0]] * (MAX_GROUP - 1 - len(offsets))  # absent weights: past the last tile, never picked
+    y = torch.empty(M, ns[0] if glu else sum(ns), dtype=x2.dtype, device=x2.device)
+    partial = torch.empty(split, M, sum(ns), dtype=torch.float32, device=x2.device) if split > 1 else y
     counters = split_counters(x2.device, grid[0] * grid[1]) if split > 1 else y
-    absmax, nested_absmax, nested_map, offset = _stats(q)
+    pad = MAX_GROUP - len(qs)
+    stats = [_stats(q) for q in qs] + [_stats(q0)] * pad
+    per_weight = [*words, *[words[0]] * pad]
+    for i in range(4):  # absmax, nested absmax, nested map, offset of each weight
+        per_weight += [st[i] for st in stats]
+    per_weight += [y if b is None else b for b in biases] + [y] * pad  # y: a stand-in never read
     _fused_kernel[grid](
-        x2, words, absmax, nested_absmax, nested_map, nf4_levels(x2.device), y if bias is None else bias, y,
-        partial, counters, M, N, x2.stride(0), K // 8, per_split * step, offset,
-        BLOCKSIZE=q.blocksize, DOUBLE_QUANT=q.double_quant, NESTED=NESTED_BLOCKSIZE,
-        HAS_BIAS=bias is not None,
+        x2, nf4_levels(x2.device), y, partial, counters, *per_weight, *ns, *[0] * pad, *offsets,
+        M, x2.stride(0), K // 8, per_split * step,
+        BLOCKSIZE=q0.blocksize, DOUBLE_QUANT=q0.double_quant, NESTED=NESTED_BLOCKSIZE,
+        BIAS=sum(1 << i for i, b in enumerate(biases) if b is not None), GLU=glu, ACT=ACTS[act] if glu else 0,
         BM=bm, BN=bn, NC=nc, CW=cw, SPLIT=split, EVEN_K=(K // 8) % step == 0,
         PRECISION="ieee" if x2.dtype == torch.float32 else "tf32",
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
@@ -417,3 +477,70 @@ def nf4_linear(x: torch.Tensor, q: NF4Tensor, bias: torch.Tensor | None = None) 
     if dispatch.use_triton("nf4_linear", x, dtypes=KERNEL_DTYPES):
         return _NF4Linear.apply(x, q, bias)
     return nf4_linear_ref(x, q, bias)
+
+
+def _check_group(x: torch.Tensor, qs: Sequence[NF4Tensor], biases: Sequence[torch.Tensor | None]) -> None:
+    if not 1 <= len(qs) <= MAX_GROUP:
+        raise ValueError(f"nf4_multi_linear takes 1 to {MAX_GROUP} weights, got {len(qs)}")
+    if len(biases) != len(qs):
+        raise ValueError(f"nf4_multi_linear: {len(biases)} biases for {len(qs)} weights (None for no bias)")
+    for i, (q, b) in enumerate(zip(qs, biases)):
+        if len(q.shape) != 2 or q.shape[1] != x.shape[-1]:
+            raise ValueError(f"nf4_multi_linear: weight {i} {tuple(q.shape)} does not match x {tuple(x.shape)}: "
+                             "weights are (N_i, K) for x (..., K)")
+        if b is not None and tuple(b.shape) != (q.shape[0],):
+            raise ValueError(f"nf4_multi_linear: bias {i} {tuple(b.shape)} does not match weight {i} "
+                             f"{tuple(q.shape)}")
+
+
+def _group_kernel(op: str, x2: torch.Tensor, qs: Sequence[NF4Tensor], *others: torch.Tensor | None) -> bool:
+    """Whether one launch of the fused kernel serves the whole group (else each weight runs through nf4_linear)."""
+    if not 0 < x2.shape[0] <= FUSED_MAX_M:
+        return False  # by design: prefill-sized inputs dequantize for cuBLAS, one weight at a time
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x2, *others)):
+        return False  # the grouped launch is inference only; nf4_linear carries the gradient
+    if not dispatch.use_triton(op, x2, dtypes=KERNEL_DTYPES):
+        return False
+    reason = next((r for r in map(_unfusable, qs) if r), None)
+    if reason is None and any(q.blocksize != qs[0].blocksize or q.double_quant != qs[0].double_quant for q in qs):
+        reason = "the weights of the group differ in blocksize or double quantization"
+    if reason is not None:
+        dispatch.fallback(op, reason)
+        return False
+    return True
+
+
+def nf4_multi_linear(x: torch.Tensor, qs: Sequence[NF4Tensor],
+                     biases: Sequence[torch.Tensor | None] | None = None) -> torch.Tensor:
+    """[x W_1^T + b_1 | .. | x W_n^T + b_n] (..., sum N_i) in x's dtype, for 1 to MAX_GROUP NF4 weights (N_i, K).
+
+    The decode step's q/k/v: for up to FUSED_MAX_M rows and no gradient, one launch of the fused kernel over all
+    the weights (each program picks its weight; none is concatenated or dequantized); otherwise each weight
+    through nf4_linear (differentiable wrt x and the biases), which the reference check uses as the oracle.
+    """
+    qs = list(qs)
+    biases = [None] * len(qs) if biases is None else list(biases)
+    _check_group(x, qs, biases)
+    x2 = x.reshape(-1, x.shape[-1])
+    if _group_kernel("nf4_multi_linear", x2, qs, *biases):
+        y2 = nf4_grouped_fused(x2, qs, [None if b is None else b.to(x.dtype) for b in biases])
+        return y2.view(*x.shape[:-1], y2.shape[1])
+    return torch.cat([nf4_linear(x, q, b) for q, b in zip(qs, biases)], -1)
+
+
+def nf4_glu_linear(x: torch.Tensor, gate_q: NF4Tensor, up_q: NF4Tensor, act: str) -> torch.Tensor:
+    """act(x G^T) * (x U^T) (..., I) in x's dtype for NF4 weights G and U (I, K); act a name of glu.ACTS.
+
+    The decode step's gate/up: for up to FUSED_MAX_M rows and no gradient, one launch of the fused kernel (gate
+    and up in float32, never written; act(gate) * up rounded once); otherwise nf4_linear twice and glu.
+    """
+    if act not in ACTS:
+        raise ValueError(f"unknown activation {act!r}; expected one of {', '.join(ACTS)}")
+    if gate_q.shape != up_q.shape:
+        raise ValueError(f"nf4_glu_linear: gate {tuple(gate_q.shape)} and up {tuple(up_q.shape)} differ in shape")
+    _check_group(x, [gate_q, up_q], [None, None])
+    x2 = x.reshape(-1, x.shape[-1])
+    if _group_kernel("nf4_glu_linear", x2, [gate_q, up_q]):
+        y2 = nf4_grouped_fused(x2, [gate_q, up_q], [None, None], act)
+        return y2.view(*x.shape[:-1], y2.shape[1])
+    return glu(nf4_linear(x, gate_q), nf4_linear(x, up_q), act)

@@ -24,6 +24,7 @@ from gazelle.models.hf_api import HFStyleMixin
 from gazelle.models.offload import ActivationOffloader, offloaded_checkpoint
 from gazelle.models.rope import RotaryTables
 from gazelle.models.tiling import tiled
+from gazelle.quant.linear4bit import groupable, grouped_forward
 
 
 class RMSNorm(nn.Module):
@@ -66,9 +67,8 @@ class Attention(nn.Module):
         adapted = fusable(x, self.q_proj, self.k_proj, self.v_proj)
         if adapted:
             return lora_qkv(x, *adapted)
-        if grouped(x, self.q_proj, self.k_proj, self.v_proj):
-            linears = (self.q_proj, self.k_proj, self.v_proj)
-            out = multi_linear(x, [m.weight for m in linears], [m.bias for m in linears])
+        out = grouped(x, (self.q_proj, self.k_proj, self.v_proj))
+        if out is not None:
             return out.split(self.split, dim=-1)
         return self.q_proj(x), self.k_proj(x), self.v_proj(x)
 
@@ -94,11 +94,23 @@ class Attention(nn.Module):
 GROUPED_DECODE = True  # benchmarks/generate.py --no-grouped turns it off to measure the separate products
 
 
-def grouped(x: torch.Tensor, *linears: nn.Module) -> bool:
-    """Whether plain linears over the same decode-sized input run as one kernel (gazelle.kernels.multi_linear):
-    q/k/v, and gate/up with the activation, read in one launch instead of three or two cuBLAS products."""
-    return (GROUPED_DECODE and x.is_cuda and not torch.is_grad_enabled() and x.shape[:-1].numel() <= MULTI_MAX_M
-            and all(type(m) is nn.Linear and m.weight.dtype == x.dtype for m in linears))
+def grouped(x: torch.Tensor, linears: tuple[nn.Module, ...], act: str | None = None) -> torch.Tensor | None:
+    """The linears over one decode-sized input (no gradient, CUDA) as one kernel launch, or None where none applies:
+    [l_1(x) | .. | l_n(x)] for q/k/v, act(gate(x)) * up(x) for (gate, up) and an activation.
+
+    Plain nn.Linear in x's dtype: gazelle.kernels.multi_linear; Linear4bit: the fused NF4 kernel over all of them
+    (gazelle.quant.linear4bit.grouped_forward). Instead of three or two products (and an activation kernel)."""
+    if not (GROUPED_DECODE and x.is_cuda and not torch.is_grad_enabled() and x.shape[:-1].numel() <= MULTI_MAX_M):
+        return None
+    if act is not None and any(m.bias is not None for m in linears):
+        return None
+    if all(type(m) is nn.Linear and m.weight.dtype == x.dtype for m in linears):
+        if act is not None:
+            return glu_linear(x, linears[0].weight, linears[1].weight, act)
+        return multi_linear(x, [m.weight for m in linears], [m.bias for m in linears])
+    if groupable(x, linears):
+        return grouped_forward(x, linears, act)
+    return None
 
 
 def attend(q, k, v, mask: torch.Tensor | None, scale: float, cap: float | None) -> torch.Tensor:
@@ -166,8 +178,9 @@ class MLP(nn.Module):
             adapted = fusable(x, self.gate_proj, self.up_proj, self.down_proj)
             if adapted:
                 return lora_mlp(x, *adapted, act=self.act)
-            if grouped(x, self.gate_proj, self.up_proj) and self.gate_proj.bias is None and self.up_proj.bias is None:
-                return self.down_proj(glu_linear(x, self.gate_proj.weight, self.up_proj.weight, self.act))
+            hidden = grouped(x, (self.gate_proj, self.up_proj), self.act)
+            if hidden is not None:
+                return self.down_proj(hidden)
             gate, up = self.gate_proj(x), self.up_proj(x)
         return self.down_proj(glu(gate, up, self.act))
 

@@ -11,6 +11,8 @@ statistics are non-persistent buffers that `_save_to_state_dict` writes under bi
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from torch import nn
 
@@ -136,6 +138,53 @@ def _nf4_linear_op(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, 
 @_nf4_linear_op.register_fake
 def _(x, packed, absmax, nested_absmax, nested_quant_map, offset, blocksize, out_features, weight_dtype, bias):
     return x.new_empty((*x.shape[:-1], out_features))
+
+
+def groupable(x: torch.Tensor, modules: Sequence[nn.Module]) -> bool:
+    """Whether `modules` are Linear4bit layers that grouped_forward can run as one product over x: one
+    compute_dtype (x's), one blocksize, double-quantized alike."""
+    first = modules[0]
+    return all(type(m) is Linear4bit and m.compute_dtype == x.dtype and m.blocksize == first.blocksize
+               and (m.nested_absmax is None) == (first.nested_absmax is None) for m in modules)
+
+
+def grouped_forward(x: torch.Tensor, modules: Sequence[Linear4bit], act: str | None = None) -> torch.Tensor:
+    """[m_1(x) | .. | m_n(x)], or act(gate(x)) * up(x) for modules (gate, up): the layers over one input as one
+    launch of the fused NF4 kernel where it applies (gazelle.kernels.nf4.nf4_multi_linear, nf4_glu_linear).
+
+    For groupable(x, modules): x is in the modules' compute_dtype, and so is the result.
+    """
+    biases = [None if m.bias is None else m.bias.to(x.dtype) for m in modules]
+    if torch.compiler.is_compiling() and x.is_cuda and not torch.is_grad_enabled():
+        # The compiled decode step: one opaque op, as Linear4bit.forward does for a single layer.
+        return torch.ops.gazelle.nf4_group(
+            x, [m.weight for m in modules], [m.absmax for m in modules], [m.nested_absmax for m in modules],
+            [m.nested_quant_map for m in modules], [m.offset or 0.0 for m in modules], modules[0].blocksize,
+            [m.out_features for m in modules], modules[0].weight_dtype, biases, act or "")
+    qs = [m.nf4 for m in modules]
+    if act is None:
+        return kernels_nf4.nf4_multi_linear(x, qs, biases)
+    return kernels_nf4.nf4_glu_linear(x, qs[0], qs[1], act)
+
+
+@torch.library.custom_op("gazelle::nf4_group", mutates_args=())
+def _nf4_group_op(x: torch.Tensor, packed: list[torch.Tensor], absmax: list[torch.Tensor],
+                  nested_absmax: list[torch.Tensor | None], nested_quant_map: list[torch.Tensor | None],
+                  offsets: list[float], blocksize: int, out_features: list[int], weight_dtype: torch.dtype,
+                  biases: list[torch.Tensor | None], act: str) -> torch.Tensor:
+    """grouped_forward as a custom op for torch.compile (no gradient: the decode step only); act "" for none."""
+    qs = [NF4Tensor(p, torch.Size((n, x.shape[-1])), weight_dtype, blocksize, a, f if na is not None else None,
+                    na, nm)
+          for p, a, na, nm, f, n in zip(packed, absmax, nested_absmax, nested_quant_map, offsets, out_features)]
+    if not act:
+        return kernels_nf4.nf4_multi_linear(x, qs, biases)
+    return kernels_nf4.nf4_glu_linear(x, qs[0], qs[1], act)
+
+
+@_nf4_group_op.register_fake
+def _(x, packed, absmax, nested_absmax, nested_quant_map, offsets, blocksize, out_features, weight_dtype, biases,
+      act):
+    return x.new_empty((*x.shape[:-1], out_features[0] if act else sum(out_features)))
 
 
 def quantize_model(model: nn.Module, compute_dtype: torch.dtype, skip_modules=("lm_head",), blocksize: int = 64,

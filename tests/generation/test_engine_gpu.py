@@ -2,9 +2,11 @@
 grouped-product kernels), against the reference loop on the CPU: the same greedy tokens, in float32."""
 
 import pytest
+import torch
 
 from gazelle.generation.engine import Engine
 from gazelle.models import decoder
+from gazelle.quant import quantize_model
 from tests.generation.test_engine import prompts, reference_greedy
 from tests.kernels.check import needs_gpu
 from tests.models.test_packing import gazelle_model
@@ -32,3 +34,17 @@ def _recording(fn, name: str, calls: list):
         calls.append(name)
         return fn(*args, **kwargs)
     return wrapped
+
+
+@needs_gpu
+@pytest.mark.parametrize("family", ["llama", "qwen2"])  # qwen2: q/k/v biases in the grouped NF4 launch
+def test_gpu_engine_nf4_greedy_equals_the_cpu_reference(family, monkeypatch):
+    """NF4 weights (float32 compute): q/k/v and gate/up each one fused NF4 launch in the captured decode step."""
+    model = quantize_model(gazelle_model(family), torch.float32)
+    batch = prompts(lengths=(7, 12, 3, 9))
+    expected = reference_greedy(model, batch, 12)  # on the CPU: dequantize + F.linear
+    calls = []
+    monkeypatch.setattr(decoder, "grouped_forward", _recording(decoder.grouped_forward, "grouped_forward", calls))
+    got = Engine(model.cuda(), compile=False).generate(batch, max_new_tokens=12, n=2)
+    assert got == [seq for seq in expected for _ in range(2)], family
+    assert calls.count("grouped_forward") >= 2 * model.config.num_layers  # q/k/v and gate/up, every layer
