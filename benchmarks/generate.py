@@ -108,6 +108,24 @@ def main() -> None:
         overhead_vs_weights_and_kv=round(over / weights_and_kv, 4))), flush=True)
     if a.profile:
         profile(lambda: engine.generate(prompts, a.new, params, seed=0), a.new)
+        if engine.cuda_graphs:
+            replays(engine, a.batch, a.prompt, params)
+
+
+def replays(engine: Engine, rows: int, prompt: int, params: SamplingParams, steps: int = 200) -> None:
+    """The captured decode step alone, replayed back to back (no engine bookkeeping between steps): its wall time
+    per step against the kernel time per step of the profile tells GPU-side gaps from host time."""
+    from gazelle.generation.engine import bucket
+
+    replay = engine._graph_step(bucket(rows), params)
+    engine._lengths[:rows] = prompt  # from the prompt's end again: the cache has room for `new` more slots
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(min(steps, engine.cache.max_len - prompt)):
+        replay()
+    torch.cuda.synchronize()
+    n = min(steps, engine.cache.max_len - prompt)
+    print(f"PROFILE {n} graph replays back to back: {(time.perf_counter() - start) / n * 1e3:.3f} ms a step")
 
 
 def profile(call, steps: int, rows: int = 25) -> None:
