@@ -117,14 +117,15 @@ def replays(engine: Engine, rows: int, prompt: int, params: SamplingParams, step
     per step against the kernel time per step of the profile tells GPU-side gaps from host time."""
     from gazelle.generation.engine import bucket
 
-    replay = engine._graph_step(bucket(rows), params)
-    engine._lengths[:rows] = prompt  # from the prompt's end again: the cache has room for `new` more slots
-    torch.cuda.synchronize()
-    start = time.perf_counter()
-    for _ in range(min(steps, engine.cache.max_len - prompt)):
-        replay()
-    torch.cuda.synchronize()
     n = min(steps, engine.cache.max_len - prompt)
+    with torch.inference_mode():  # the engine's buffers are inference tensors
+        replay = engine._graph_step(bucket(rows), params)
+        engine._lengths[:rows] = prompt  # from the prompt's end again: the cache has room for `new` more slots
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        for _ in range(n):
+            replay()
+        torch.cuda.synchronize()
     print(f"PROFILE {n} graph replays back to back: {(time.perf_counter() - start) / n * 1e3:.3f} ms a step")
 
 
