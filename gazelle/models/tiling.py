@@ -5,7 +5,7 @@ every token (3 x tokens x intermediate, 17 GiB at 100k tokens on the llama-8B sh
 `tiled` runs the block over `tile` tokens at a time without autograd and keeps only its input; backward runs it
 again one tile at a time with autograd and backpropagates that tile at once, so one tile's intermediates exist at
 any moment. The price is one more forward of the block, so the decoder tiles only sequences long enough for the
-memory to matter (`MLP.tile_tokens`).
+memory to matter (`MLP.tile_bytes`).
 
 Parameter gradients accumulate inside backward (as reentrant checkpointing does), and the random draws of the
 forward (LoRA dropout) are replayed: the tiles run in the same order from the same RNG state.

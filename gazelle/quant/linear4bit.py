@@ -129,10 +129,18 @@ def _nf4_linear_op(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, 
                    nested_quant_map: torch.Tensor | None, offset: float, blocksize: int, out_features: int,
                    weight_dtype: torch.dtype, bias: torch.Tensor | None) -> torch.Tensor:
     """Linear4bit's product as a custom op for torch.compile (no gradient: the decode step only)."""
-    shape = torch.Size((out_features, x.shape[-1]))
-    q = NF4Tensor(packed, shape, weight_dtype, blocksize, absmax, offset if nested_absmax is not None else None,
-                  nested_absmax, nested_quant_map)
+    q = _nf4_of(packed, out_features, x.shape[-1], weight_dtype, blocksize, absmax, nested_absmax, nested_quant_map,
+                offset)
     return kernels_nf4.nf4_linear(x, q, bias)
+
+
+def _nf4_of(packed: torch.Tensor, out_features: int, in_features: int, weight_dtype: torch.dtype, blocksize: int,
+            absmax: torch.Tensor, nested_absmax: torch.Tensor | None, nested_quant_map: torch.Tensor | None,
+            offset: float) -> NF4Tensor:
+    """The NF4Tensor of a Linear4bit's buffers as the custom ops receive them (the offset counts only when
+    double-quantized: the ops take a float where the module holds None)."""
+    return NF4Tensor(packed, torch.Size((out_features, in_features)), weight_dtype, blocksize, absmax,
+                     offset if nested_absmax is not None else None, nested_absmax, nested_quant_map)
 
 
 @_nf4_linear_op.register_fake
@@ -142,7 +150,7 @@ def _(x, packed, absmax, nested_absmax, nested_quant_map, offset, blocksize, out
 
 def groupable(x: torch.Tensor, modules: Sequence[nn.Module]) -> bool:
     """Whether `modules` are Linear4bit layers that grouped_forward can run as one product over x: one
-    compute_dtype (x's), one blocksize, double-quantized alike."""
+    compute_dtype (x's), one blocksize, double-quantized alike (gazelle::nf4_group takes one blocksize)."""
     first = modules[0]
     return all(type(m) is Linear4bit and m.compute_dtype == x.dtype and m.blocksize == first.blocksize
                and (m.nested_absmax is None) == (first.nested_absmax is None) for m in modules)
@@ -161,8 +169,12 @@ def grouped_forward(x: torch.Tensor, modules: Sequence[Linear4bit], act: str | N
             x, [m.weight for m in modules], [m.absmax for m in modules], [m.nested_absmax for m in modules],
             [m.nested_quant_map for m in modules], [m.offset or 0.0 for m in modules], modules[0].blocksize,
             [m.out_features for m in modules], modules[0].weight_dtype, biases, act or "")
-    qs = [m.nf4 for m in modules]
-    if act is None:
+    return _group_product(x, [m.nf4 for m in modules], biases, act)
+
+
+def _group_product(x: torch.Tensor, qs: list[NF4Tensor], biases: list[torch.Tensor | None],
+                   act: str | None) -> torch.Tensor:
+    if not act:
         return kernels_nf4.nf4_multi_linear(x, qs, biases)
     return kernels_nf4.nf4_glu_linear(x, qs[0], qs[1], act)
 
@@ -173,12 +185,9 @@ def _nf4_group_op(x: torch.Tensor, packed: list[torch.Tensor], absmax: list[torc
                   offsets: list[float], blocksize: int, out_features: list[int], weight_dtype: torch.dtype,
                   biases: list[torch.Tensor | None], act: str) -> torch.Tensor:
     """grouped_forward as a custom op for torch.compile (no gradient: the decode step only); act "" for none."""
-    qs = [NF4Tensor(p, torch.Size((n, x.shape[-1])), weight_dtype, blocksize, a, f if na is not None else None,
-                    na, nm)
+    qs = [_nf4_of(p, n, x.shape[-1], weight_dtype, blocksize, a, na, nm, f)
           for p, a, na, nm, f, n in zip(packed, absmax, nested_absmax, nested_quant_map, offsets, out_features)]
-    if not act:
-        return kernels_nf4.nf4_multi_linear(x, qs, biases)
-    return kernels_nf4.nf4_glu_linear(x, qs[0], qs[1], act)
+    return _group_product(x, qs, biases, act)
 
 
 @_nf4_group_op.register_fake

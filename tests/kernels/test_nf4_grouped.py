@@ -142,10 +142,10 @@ def test_mixed_quantization_falls_back_logged(triton_mode, launches, kernel_log)
 def test_reference_mode(monkeypatch, launches):
     monkeypatch.setenv("GAZELLE_KERNELS", "ref")
     qs = [weight(n, 64, seed=n) for n in (8, 4)]
+    up = weight(8, 64, seed=9)
     x = torch.randn(2, 64)
     assert torch.equal(K.nf4_multi_linear(x, qs), multi_ref(x, qs, [None, None]))
-    assert torch.equal(K.nf4_glu_linear(x, qs[0], weight(8, 64, seed=9), "silu"),
-                       glu_linear_ref(x, qs[0], weight(8, 64, seed=9), "silu"))
+    assert torch.equal(K.nf4_glu_linear(x, qs[0], up, "silu"), glu_linear_ref(x, qs[0], up, "silu"))
     assert launches == []
 
 
