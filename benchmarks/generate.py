@@ -44,11 +44,15 @@ def main() -> None:
     ap.add_argument("--no-compile", dest="compile", action="store_false",
                     help="capture the eager decode step (default: torch.compile it first)")
     ap.add_argument("--prefill-tokens", type=int, default=None,
-                    help="tokens per prefill forward (rows x chunk); default: the engine's")
+                    help="the prefill's MLP tile in tokens (a forward takes up to 4x as many); default: the "
+                         "engine's")
     ap.add_argument("--lora", action="store_true", help="a LoRA model, one optimizer step before each call")
     ap.add_argument("--no-grouped", dest="grouped", action="store_false",
                     help="decode q/k/v and gate/up as separate products (cuBLAS, or an NF4 launch a weight), not "
                          "one grouped launch each (gazelle.kernels.multi_linear, the grouped NF4 kernel)")
+    ap.add_argument("--prefill-check", action="store_true",
+                    help="only a prefill (and first token) with the eager engine: where it synchronises with the "
+                         "host, and its host-side time by op")
     ap.add_argument("--profile", action="store_true",
                     help="after the timed calls, profile one more and print the CUDA kernels by total time")
     a = ap.parse_args()
@@ -76,6 +80,9 @@ def main() -> None:
     prompts = torch.randint(0, 150000, (a.batch, a.prompt)).tolist()
     params = SamplingParams(do_sample=True, temperature=1.0)
     engine = Engine(model, compile=a.compile, **({"prefill_tokens": a.prefill_tokens} if a.prefill_tokens else {}))
+    if a.prefill_check:
+        prefill_check(engine, prompts, params)
+        return
     began = time.perf_counter()
     engine.generate([p[:16] for p in prompts], 8, params, seed=0)  # warm-up: kernels, graphs of every bucket used
     train_step()
@@ -108,8 +115,62 @@ def main() -> None:
         overhead_vs_weights_and_kv=round(over / weights_and_kv, 4))), flush=True)
     if a.profile:
         profile(lambda: engine.generate(prompts, a.new, params, seed=0), a.new)
+        phases(engine, prompts, a.new, params)
         if engine.cuda_graphs:
             replays(engine, a.batch, a.prompt, params)
+
+
+def prefill_check(engine: Engine, prompts: list, params: SamplingParams) -> None:
+    """A call that stops after the first token, three ways: its wall time; the places where it waits for the GPU
+    (torch.cuda.set_sync_debug_mode); the host time of its ops and its kernel time (torch.profiler)."""
+    import warnings
+    from collections import Counter
+
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    call = lambda: engine.generate(prompts, 1, params, seed=0)  # noqa: E731
+    call()
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    call()
+    torch.cuda.synchronize()
+    print(f"PREFILL wall {(time.perf_counter() - start) * 1e3:.1f} ms")
+    torch.cuda.set_sync_debug_mode("warn")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        call()
+    torch.cuda.set_sync_debug_mode(0)
+    where = Counter(f"{w.filename.split('/work/')[-1]}:{w.lineno} {str(w.message)[:60]}" for w in caught)
+    print(f"PREFILL {sum(where.values())} synchronising calls")
+    for place, count in where.most_common(12):
+        print(f"PREFILL   {count:5d}x {place}")
+    with torch_profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        call()
+        torch.cuda.synchronize()
+    events = prof.key_averages()
+    cuda = sum(e.self_device_time_total for e in events) / 1e3
+    print(f"PREFILL under the profiler: kernel time {cuda:.1f} ms; host ops by self time:")
+    for e in sorted(events, key=lambda e: -e.self_cpu_time_total)[:22]:
+        print(f"PREFILL   {e.self_cpu_time_total / 1e3:8.2f} ms {e.count:6d}x  {e.key[:90]}")
+
+
+def phases(engine: Engine, prompts: list, new: int, params: SamplingParams) -> None:
+    """Wall time of a call that stops after the first token (prefill, first sample) against the whole call: the
+    rest is the decode loop, per step."""
+    def best(n: int) -> float:
+        times = []
+        for _ in range(2):
+            torch.cuda.synchronize()
+            start = time.perf_counter()
+            engine.generate(prompts, n, params, seed=0)
+            torch.cuda.synchronize()
+            times.append(time.perf_counter() - start)
+        return min(times)
+
+    first, whole = best(1), best(new)
+    print(f"PROFILE wall: prefill and first token {first * 1e3:.1f} ms, whole call {whole * 1e3:.1f} ms, the "
+          f"{new - 1} decode steps {(whole - first) / (new - 1) * 1e3:.3f} ms a step")
 
 
 def replays(engine: Engine, rows: int, prompt: int, params: SamplingParams, steps: int = 200) -> None:
@@ -123,10 +184,13 @@ def replays(engine: Engine, rows: int, prompt: int, params: SamplingParams, step
         engine._lengths[:rows] = prompt  # from the prompt's end again: the cache has room for `new` more slots
         torch.cuda.synchronize()
         start = time.perf_counter()
-        for _ in range(n):
+        for i in range(n):
             replay()
+            if i == 7:
+                host = (time.perf_counter() - start) / 8  # the first calls return before the GPU is done
         torch.cuda.synchronize()
-    print(f"PROFILE {n} graph replays back to back: {(time.perf_counter() - start) / n * 1e3:.3f} ms a step")
+    print(f"PROFILE {n} graph replays back to back: {(time.perf_counter() - start) / n * 1e3:.3f} ms a step; "
+          f"host time of one replay() call {host * 1e6:.0f} us")
 
 
 def profile(call, steps: int, rows: int = 25) -> None:

@@ -52,6 +52,13 @@ GROUPS = {
     "gate/up 8b": Group((14336, 14336), 4096, False, True),
     "qkv 1.5b": Group((1536, 256, 256), 1536, True, False),
     "gate/up 1.5b": Group((8960, 8960), 1536, False, True),
+    # single products of the decode step (cuBLAS in the decoder today): o, down and the lm_head
+    "o 8b": Group((4096,), 4096, False, False),
+    "down 8b": Group((4096,), 14336, False, False),
+    "head 8b": Group((151936,), 4096, False, False),
+    "o 1.5b": Group((1536,), 1536, False, False),
+    "down 1.5b": Group((1536,), 8960, False, False),
+    "head 1.5b": Group((151936,), 1536, False, False),
 }
 
 

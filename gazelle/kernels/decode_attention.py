@@ -33,9 +33,13 @@ from gazelle.kernels.launch import sm_count
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_HEAD_DIM = 256  # q, the accumulator and a key block are held in registers; wider heads run the reference
 PROGRAMS_PER_SM = 2  # the split rule's target: B * KV * SPLITS <= this many programs per SM
+MIN_BLOCKS_PER_SPLIT = 4  # and each split at least this many key blocks of the cache's slots
 INTERPRETER_PROGRAMS = 8  # the same target for CPU tensors (Triton's interpreter), where there are no SMs
-NUM_WARPS = 4  # not yet tuned on a GPU
-NUM_STAGES = 2
+# benchmarks/decode_attention.py (H100, 2026-11-22, a cache of 384 slots): 4 warps; 3 stages beat 2 at both
+# shapes (llama-8B 32 rows 17.0 -> 16.4 us, qwen-1.5B 64 rows 11.4 -> 10.2 us with one split); 32-128 keys a
+# block within 4% of each other.
+NUM_WARPS = 4
+NUM_STAGES = 3
 
 
 def _block_s(head_dim: int) -> int:
@@ -177,14 +181,19 @@ def _combine_kernel(part_m_ptr, part_l_ptr, part_acc_ptr, out_ptr, H, D, stride_
 
 
 def num_splits(batch: int, kv_heads: int, slots: int, block_s: int, device: torch.device) -> int:
-    """Key splits per (row, kv head), from shapes only: the grid fills up to PROGRAMS_PER_SM programs per SM."""
+    """Key splits per (row, kv head), from shapes only: the grid fills up to PROGRAMS_PER_SM programs per SM, and
+    a split gets MIN_BLOCKS_PER_SPLIT key blocks of the cache at least. A split's fixed costs (the partial sums,
+    the combine launch) pay only over several blocks: at 6 blocks (384 slots), 128 programs unsplit took 10.2 us
+    and 256 programs of two splits 11.8 us (qwen-1.5B, 64 rows, H100)."""
     target = PROGRAMS_PER_SM * sm_count(device) if device.type == "cuda" else INTERPRETER_PROGRAMS
-    return max(1, min(target // (batch * kv_heads), cdiv(slots, block_s)))
+    return max(1, min(target // (batch * kv_heads), cdiv(slots, block_s) // MIN_BLOCKS_PER_SPLIT))
 
 
 def _decode_attention_triton(q, k, v, positions, scale: float, softcap: float | None, window: int | None,
-                             splits: int | None = None, block_s: int | None = None) -> torch.Tensor:
-    """The kernels of the module docstring; splits and block_s override the shape rules (tests)."""
+                             splits: int | None = None, block_s: int | None = None, num_warps: int = NUM_WARPS,
+                             num_stages: int = NUM_STAGES) -> torch.Tensor:
+    """The kernels of the module docstring; splits, block_s, num_warps and num_stages override the shape rules
+    (tests, benchmarks/decode_attention.py's sweep)."""
     B, H, _, D = q.shape
     kv_heads, S = k.shape[1], k.shape[2]
     G = H // kv_heads
@@ -208,7 +217,7 @@ def _decode_attention_triton(q, k, v, positions, scale: float, softcap: float | 
         SPLITS=splits, GP=max(16, next_power_of_2(G)), BLOCK_S=block_s, BLOCK_D=block_d,
         HAS_WINDOW=window is not None, SOFTCAP=softcap is not None,
         PRECISION="ieee" if q.dtype == torch.float32 or upcast else "tf32", UPCAST=upcast,
-        num_warps=NUM_WARPS, num_stages=NUM_STAGES)
+        num_warps=num_warps, num_stages=num_stages)
     if splits > 1:
         _combine_kernel[(B, H)](
             part_m, part_l, part_acc, out, H, D, out.stride(0), out.stride(1), out.stride(3),

@@ -13,9 +13,44 @@ forward (LoRA dropout) are replayed: the tiles run in the same order from the sa
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 
 import torch
+
+_TILE_TOKENS: ContextVar[int | None] = ContextVar("mlp_tile_tokens", default=None)
+
+
+@contextmanager
+def tile_tokens(tokens: int) -> Iterator[None]:
+    """Inside: the decoder's MLP runs in tiles of `tokens` tokens whenever its input holds more (the generation
+    engine's prefill: many rows in one forward for few launches, while the MLP intermediates, the largest
+    activations, stay those of `tokens` tokens)."""
+    if tokens <= 0:
+        raise ValueError(f"tile_tokens takes a positive number of tokens, got {tokens}")
+    mark = _TILE_TOKENS.set(tokens)
+    try:
+        yield
+    finally:
+        _TILE_TOKENS.reset(mark)
+
+
+def forced_tile() -> int | None:
+    """The tile set by an enclosing tile_tokens(), or None."""
+    return _TILE_TOKENS.get()
+
+
+def _loop(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, tile: int) -> torch.Tensor:
+    """fn over `tile` tokens of x at a time, into one output."""
+    rows = x.reshape(-1, x.shape[-1])
+    out = None
+    for start in range(0, rows.shape[0], tile):
+        y = fn(rows[start : start + tile])
+        if out is None:
+            out = y.new_empty(rows.shape[0], y.shape[-1])
+        out[start : start + tile] = y
+    return out.view(*x.shape[:-1], out.shape[-1])
 
 
 class _Tiled(torch.autograd.Function):
@@ -25,15 +60,8 @@ class _Tiled(torch.autograd.Function):
         ctx.cpu_rng = torch.get_rng_state()
         ctx.cuda_rng = torch.cuda.get_rng_state(x.device) if x.is_cuda else None
         ctx.save_for_backward(x)
-        rows = x.reshape(-1, x.shape[-1])
-        out = None
         with torch.no_grad():
-            for start in range(0, rows.shape[0], tile):
-                y = fn(rows[start : start + tile])
-                if out is None:
-                    out = y.new_empty(rows.shape[0], y.shape[-1])
-                out[start : start + tile] = y
-        return out.view(*x.shape[:-1], out.shape[-1])
+            return _loop(fn, x, tile)
 
     @staticmethod
     def backward(ctx, grad_out):
@@ -63,6 +91,8 @@ def tiled(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, tile: int
     it is a plain loop over the tiles."""
     if tile <= 0:
         raise ValueError(f"tile must be a positive number of tokens, got {tile}")
+    if not torch.is_grad_enabled():
+        return _loop(fn, x, tile)
     # An empty tensor that requires grad keeps the node in the graph when only fn's parameters need gradients.
     anchor = torch.empty(0, device=x.device, requires_grad=torch.is_grad_enabled())
     return _Tiled.apply(fn, tile, anchor, x)

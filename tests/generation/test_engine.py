@@ -44,14 +44,27 @@ def test_greedy_equals_reference_with_n_samples(family):
 
 
 @pytest.mark.parametrize("family", ["llama", "mistral", "gemma2"])
-def test_prefill_in_groups_of_rows_equals_reference(family):
-    """A token budget smaller than the batch splits the prefill into groups of rows (and chunks): same tokens."""
+def test_prefill_in_groups_of_rows_equals_reference(family, monkeypatch):
+    """A token budget smaller than the batch splits the prefill into groups of rows (and chunks) and runs the MLP
+    in tiles: same tokens."""
+    from gazelle.models import decoder
+
+    tiles, real = [], decoder.tiled
+
+    def spy(fn, x, tile):
+        tiles.append(tile)
+        return real(fn, x, tile)
+
+    monkeypatch.setattr(decoder, "tiled", spy)
     model = gazelle_model(family)
     batch = prompts(seed=3, lengths=(9, 4, 13, 6, 11))
     expected = reference_greedy(model, batch, 8)
-    engine = Engine(model, prefill_chunk=5, prefill_tokens=10)  # 2 rows x 5 tokens per forward
+    tiles.clear()
+    # MLP tiles of 3 tokens; a forward takes 4 x 3 // 5 = 2 rows x 5 tokens
+    engine = Engine(model, prefill_chunk=5, prefill_tokens=3)
     assert engine.generate(batch, max_new_tokens=8, n=2) == [seq for seq in expected for _ in range(2)]
     assert engine.cache.row_offset == 0
+    assert tiles and set(tiles) == {3}, "the prefill's MLP did not run in tiles"
 
 
 def test_eos_stops_and_compacts():

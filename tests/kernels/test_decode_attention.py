@@ -131,12 +131,12 @@ def test_kernel_matches_reference_cpu(triton_mode, dtype, splits, D, softcap, wi
 @needs_interpreter
 def test_op_runs_kernel_cpu(triton_mode, kernel_calls, monkeypatch):
     """The public op with its own block size and split rule: one split, then three (a larger program target)."""
-    q, k, v, positions = _inputs(3, 12, 2, 150, 64)  # G = 6; 150 slots = 3 blocks of 64
+    q, k, v, positions = _inputs(3, 12, 2, 800, 64)  # G = 6; 800 slots = 13 blocks of 64: 3 splits at most
     _spoil_invisible(k, v, positions, None, float("nan"))
     ref = decode_attention_ref(q, k, v, positions, 0.125, 20.0)
     for programs, splits in ((8, 1), (64, 3)):
         monkeypatch.setattr(da, "INTERPRETER_PROGRAMS", programs)
-        assert da.num_splits(3, 2, 150, 64, q.device) == splits
+        assert da.num_splits(3, 2, 800, 64, q.device) == splits
         out = decode_attention(q, k, v, positions, 0.125, softcap=20.0)
         torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
     assert len(kernel_calls) == 2
@@ -160,14 +160,15 @@ def test_fallbacks(triton_mode, kernel_calls):
 
 
 def test_split_rule(monkeypatch):
-    """B * KV * SPLITS up to 2 programs per SM (132 SMs: an H100), at least 1, at most one split per key block."""
+    """B * KV * SPLITS up to 2 programs per SM (132 SMs: an H100), at least 1, each split 4 key blocks at least."""
     monkeypatch.setattr(da, "sm_count", lambda device: 132)
     gpu = torch.device("cuda", 0)
-    assert da.num_splits(64, 2, 384, 64, gpu) == 2
+    assert da.num_splits(64, 2, 384, 64, gpu) == 1  # 6 key blocks: too few to split
     assert da.num_splits(32, 8, 384, 64, gpu) == 1
     assert da.num_splits(4, 4, 4096, 32, gpu) == 16
-    assert da.num_splits(1, 8, 8192, 64, gpu) == 33
-    assert da.num_splits(1, 1, 100, 64, gpu) == 2  # capped by the 2 key blocks
+    assert da.num_splits(1, 8, 8192, 64, gpu) == 32  # capped by 128 blocks / 4
+    assert da.num_splits(1, 8, 2048, 64, gpu) == 8  # 32 blocks / 4
+    assert da.num_splits(1, 1, 100, 64, gpu) == 1
     assert da.num_splits(512, 8, 384, 64, gpu) == 1
 
 
@@ -204,9 +205,9 @@ def test_compiled_op_cpu(monkeypatch, kernel_calls):
 # ---- GPU: realistic shapes, compiled kernels ----
 
 GPU_CASES = [  # (B, H, KV, S, D, softcap, window)
-    (64, 12, 2, 384, 128, None, None),      # qwen-1.5B-like decode batch: 2 splits on an H100
+    (64, 12, 2, 384, 128, None, None),      # qwen-1.5B-like decode batch: one split on an H100
     (32, 32, 8, 384, 128, None, None),      # llama-8B-like: one split
-    (4, 8, 4, 4096, 256, 50.0, 4096),       # gemma2-like: head dim 256, soft-capped, its 4096 window
+    (4, 8, 4, 4096, 256, 50.0, 4096),       # gemma2-like: head dim 256, soft-capped, its 4096 window, 16 splits
     (4, 8, 4, 4096, 256, 50.0, 1000),       # the window cutting in
     (1, 32, 8, 8192, 128, None, None),      # one long row: many splits
 ]
@@ -230,7 +231,7 @@ def test_matches_reference_gpu(monkeypatch, kernel_calls, dtype, B, H, KV, S, D,
 
 
 @needs_gpu
-@pytest.mark.parametrize("B, S", [(128, 384), (2, 2048)])  # H100: one split; 32 splits, the combine kernel
+@pytest.mark.parametrize("B, S", [(128, 384), (2, 2048)])  # H100: one split; 8 splits, the combine kernel
 def test_compiled_cuda_graph_gpu(monkeypatch, kernel_calls, B, S):
     """The op in a torch.compile'd step captured in a CUDA graph; new positions, queries and garbage written in
     place, then a replay: the graph reads positions from memory, so it follows them without a new capture."""
