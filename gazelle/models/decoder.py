@@ -102,7 +102,7 @@ def grouped(x: torch.Tensor, linears: tuple[nn.Module, ...], act: str | None = N
     (gazelle.quant.linear4bit.grouped_forward). Instead of three or two products (and an activation kernel)."""
     if not (GROUPED_DECODE and x.is_cuda and not torch.is_grad_enabled() and x.shape[:-1].numel() <= MULTI_MAX_M):
         return None
-    if act is not None and any(m.bias is not None for m in linears):
+    if act is not None and any(getattr(m, "bias", None) is not None for m in linears):  # (LoRA layers have none)
         return None
     if all(type(m) is nn.Linear and m.weight.dtype == x.dtype for m in linears):
         if act is not None:

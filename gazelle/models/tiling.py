@@ -37,7 +37,10 @@ def tile_tokens(tokens: int) -> Iterator[None]:
 
 
 def forced_tile() -> int | None:
-    """The tile set by an enclosing tile_tokens(), or None."""
+    """The tile set by an enclosing tile_tokens(), or None; None under torch.compile, whose tracer cannot read a
+    ContextVar (it would break the compiled decode step's graph at every MLP) and whose steps are never tiled."""
+    if torch.compiler.is_compiling():
+        return None
     return _TILE_TOKENS.get()
 
 

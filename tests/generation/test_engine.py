@@ -127,3 +127,19 @@ def test_fast_generate_with_chat_messages(smollm2_gguf):
     texts = model.fast_generate([[{"role": "user", "content": "What is 2+2?"}], "The capital of France is"],
                                 {"temperature": 0, "max_tokens": 16})
     assert len(texts) == 2 and "4" in texts[0] and "Paris" in texts[1]
+
+
+@pytest.mark.parametrize("lora", [False, True])
+def test_decode_step_traces_as_one_graph(lora):
+    """torch.compile sees the whole decode step (a graph break would leave parts of it eager, launch by launch)."""
+    from gazelle import FastLanguageModel
+
+    model = gazelle_model("llama")
+    if lora:
+        model = FastLanguageModel.get_peft_model(model, r=4, lora_alpha=8)
+    engine = Engine(model, compile=False, cuda_graphs=False)
+    engine.generate(prompts(), 2)  # makes the cache and the step's buffers
+    with torch.inference_mode():
+        explained = torch._dynamo.explain(engine._decode_step)(len(PROMPT_LENGTHS), SamplingParams(), None)
+    assert explained.graph_break_count == 0, [b.reason for b in explained.break_reasons]
+    assert explained.graph_count == 1
