@@ -86,7 +86,8 @@ class Engine:
 
     def _forward(self, tokens: torch.Tensor, slots: torch.Tensor, ends: torch.Tensor) -> torch.Tensor:
         self.cache.slots, self.cache.decoding = slots, False
-        return self.model.run_layers(tokens, slots, self._masks(slots, ends), self.cache)
+        with tile_tokens(self.prefill_tokens):  # (_prefill's docstring)
+            return self.model.run_layers(tokens, slots, self._masks(slots, ends), self.cache)
 
     # -- prefill -----------------------------------------------------------------------------
     def _prefill(self, sequences: list[list[int]]) -> torch.Tensor:
@@ -116,8 +117,7 @@ class Engine:
                 for start in range(0, reach, size):
                     chunk = tokens[rows, start : start + size]
                     slots = torch.arange(start, start + chunk.shape[1], device=self.device).expand(B, -1)
-                    with tile_tokens(self.prefill_tokens):
-                        hidden = self._forward(chunk, slots, lengths[rows])
+                    hidden = self._forward(chunk, slots, lengths[rows])
                     # Keep the hidden state of each row's last real token when it falls in this chunk.
                     end = lengths[rows] - 1 - start
                     inside = (end >= 0) & (end < chunk.shape[1])

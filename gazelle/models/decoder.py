@@ -102,15 +102,16 @@ def grouped(x: torch.Tensor, linears: tuple[nn.Module, ...], act: str | None = N
     (gazelle.quant.linear4bit.grouped_forward). Instead of three or two products (and an activation kernel)."""
     if not (GROUPED_DECODE and x.is_cuda and not torch.is_grad_enabled() and x.shape[:-1].numel() <= MULTI_MAX_M):
         return None
-    if act is not None and any(getattr(m, "bias", None) is not None for m in linears):  # (LoRA layers have none)
+    dense = all(type(m) is nn.Linear and m.weight.dtype == x.dtype for m in linears)
+    if not (dense or groupable(x, linears)):
+        return None  # e.g. LoRA layers: their own fused products apply
+    if act is not None and any(m.bias is not None for m in linears):
         return None
-    if all(type(m) is nn.Linear and m.weight.dtype == x.dtype for m in linears):
-        if act is not None:
-            return glu_linear(x, linears[0].weight, linears[1].weight, act)
-        return multi_linear(x, [m.weight for m in linears], [m.bias for m in linears])
-    if groupable(x, linears):
+    if not dense:
         return grouped_forward(x, linears, act)
-    return None
+    if act is not None:
+        return glu_linear(x, linears[0].weight, linears[1].weight, act)
+    return multi_linear(x, [m.weight for m in linears], [m.bias for m in linears])
 
 
 def attend(q, k, v, mask: torch.Tensor | None, scale: float, cap: float | None) -> torch.Tensor:
