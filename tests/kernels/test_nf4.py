@@ -115,6 +115,20 @@ def test_fused_kernel_configs(config, blocksize):
             torch.testing.assert_close(y, reference(x, q, bias), atol=FP32_TOL[0], rtol=FP32_TOL[1])
 
 
+@pytest.mark.parametrize("ns, k, glu, split", [
+    ((8960, 8960), 1536, True, 1),   # gate/up: 140 tiles already fill the SMs
+    ((1536,), 8960, False, 8),       # down: 24 tiles, long rows (70 iterations)
+    ((1536, 256, 256), 1536, False, 4),  # q/k/v: 12 iterations, at least 3 a split
+    ((1536,), 1536, False, 4),       # o
+])
+def test_fused_config_splits_at_64_rows(ns, k, glu, split):
+    """The K split at 64 rows of x on qwen-1.5B's decode groups, for the H100's 132 SMs (fused_config's rule and the
+    sweep it comes from); every split keeps at least 3 iterations of the row."""
+    cfg = K.fused_config(64, ns, k, 64, torch.device("cpu"), glu, sms=132)
+    assert (cfg["BM"], cfg["BN"], cfg["NC"], cfg["split"]) == (64, 64, 2, split)
+    assert (k // 8) // (cfg["NC"] * cfg["CW"]) >= 3 * cfg["split"]
+
+
 @needs_interpreter
 def test_nf4_linear_shapes(triton_mode):
     """Leading dimensions and an x strided along K; bias in another dtype than x (cast to x's, as F.linear needs)."""
