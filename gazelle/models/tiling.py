@@ -97,5 +97,5 @@ def tiled(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, tile: int
     if not torch.is_grad_enabled():
         return _loop(fn, x, tile)
     # An empty tensor that requires grad keeps the node in the graph when only fn's parameters need gradients.
-    anchor = torch.empty(0, device=x.device, requires_grad=torch.is_grad_enabled())
+    anchor = torch.empty(0, device=x.device, requires_grad=True)
     return _Tiled.apply(fn, tile, anchor, x)
