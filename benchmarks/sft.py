@@ -110,15 +110,54 @@ def run_gazelle(case: dict) -> dict:
     step = sorted(times[WARMUP:])[len(times[WARMUP:]) // 2]
     peak = torch.cuda.max_memory_allocated()
     if case["profile"]:  # one more step, untimed, under the profiler: where the time goes
-        from torch.profiler import ProfilerActivity, profile
-
-        with profile(activities=[ProfilerActivity.CUDA]) as prof:
-            train_step(model, optimizer, ids)
-            torch.cuda.synchronize()
-        print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=25), file=sys.stderr, flush=True)
+        profile_step(lambda: train_step(model, optimizer, ids), case["spec"])
     return dict(step_s=round(step, 4), tok_s=round(case["batch"] * case["seq"] / step),
                 loss=round(losses[-1].item(), 4), first_loss=round(losses[0].item(), 4),
                 peak_gib=round(peak / 2**30, 2))
+
+
+def profile_step(step, spec: str) -> None:
+    """One step under torch.profiler (host and CUDA): kernel time against the step's wall time, the GPU's idle
+    gaps, the kernels by total time and the host ops by self time, to stderr. With SFT_TRACE_DIR set, the
+    Chrome trace is written there too (gzipped)."""
+    import gzip
+    import tempfile
+
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        start = time.perf_counter()
+        step()
+        torch.cuda.synchronize()
+        wall = time.perf_counter() - start
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "trace.json")
+        prof.export_chrome_trace(path)
+        with open(path) as f:
+            events = json.load(f)["traceEvents"]
+        out_dir = os.environ.get("SFT_TRACE_DIR")
+        if out_dir:
+            name = spec.replace(":", "_") + ".json.gz"
+            with open(path, "rb") as src, gzip.open(os.path.join(out_dir, name), "wb") as dst:
+                dst.write(src.read())
+    kernels = sorted((e["ts"], e["ts"] + e["dur"], e["name"]) for e in events if e.get("cat") == "kernel")
+    if not kernels:
+        raise SystemExit("the profile holds no CUDA kernels")
+    busy, end = 0.0, float("-inf")  # union of the kernel intervals (the side stream's copies are not kernels)
+    for lo, hi, _ in kernels:
+        busy += max(0.0, hi - max(lo, end))
+        end = max(end, hi)
+    span = kernels[-1][1] - kernels[0][0]
+    by_name: dict[str, list[float]] = {}
+    for lo, hi, name in kernels:
+        by_name.setdefault(name[:90], []).append(hi - lo)
+    lines = [f"PROFILE {spec}: wall {wall * 1e3:.1f} ms, {len(kernels)} kernels, kernel time {busy / 1e3:.1f} ms "
+             f"busy of a {span / 1e3:.1f} ms span (GPU idle {(span - busy) / 1e3:.1f} ms)",
+             "PROFILE kernels by total time (ms, count):"]
+    for name, durs in sorted(by_name.items(), key=lambda kv: -sum(kv[1]))[:30]:
+        lines.append(f"  {sum(durs) / 1e3:8.2f} {len(durs):6d}  {name}")
+    table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=30, max_name_column_width=60)
+    print("\n".join(lines) + "\nPROFILE host ops by self time:\n" + table, file=sys.stderr, flush=True)
 
 
 def run_case(case: dict) -> dict:

@@ -14,6 +14,13 @@ def _cuda_sm_count(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
 
 
+@functools.cache
+def addmm_takes_out_dtype() -> bool:
+    """Whether torch's addmm takes out_dtype (torch >= 2.8; CUDA kernels only): 16-bit products accumulated and
+    written in float32 by one cuBLAS call."""
+    return "dtype_out" in torch.ops.aten.addmm.overloads()
+
+
 def sm_count(device: torch.device) -> int:
     """SMs of a CUDA device (cached); INTERPRETER_SMS for any other device."""
     if device.type != "cuda":

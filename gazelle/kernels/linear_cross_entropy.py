@@ -15,6 +15,8 @@ where z = hidden @ weight.T is the raw logit, x = cap * tanh(z / cap) (or z with
 
 g being the upstream gradient of the row (0 for ignored rows). Then grad_hidden_chunk = dz @ weight and,
 if the weight requires grad, grad_weight += dz.T @ hidden_chunk, accumulated over chunks in float32.
+With a frozen weight (LoRA), forward does this with g = 1 while it has the logits, and backward only scales
+each row by its g: one product with the whole vocabulary fewer (_LinearLogProbsFunction).
 
 Chunk size: 2**28 bytes of logits in the input dtype (256 MiB: 883 tokens at V=151936 in bf16), rounded
 down to a multiple of 64 tokens (832). That is big enough for the matmuls to run at full speed (M >= 512 at
@@ -29,13 +31,12 @@ Measured on an H100 (N 8192, H 1536, V 151936, bf16, forward + backward): 22 ms 
 
 from __future__ import annotations
 
-import functools
-
 import torch
 
 from gazelle.kernels import dispatch
 from gazelle.kernels._triton import cdiv, jit, next_power_of_2, tl
 from gazelle.kernels.glu import tanh_f32
+from gazelle.kernels.launch import addmm_takes_out_dtype
 
 KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 IGNORE_INDEX = -100
@@ -184,30 +185,34 @@ def _kernel_args(softcap: float | None, temperature: float) -> dict:
     return dict(cap=cap, inv_cap=1.0 / cap, inv_temp=1.0 / float(temperature), HAS_SOFTCAP=softcap is not None)
 
 
-@functools.cache
-def _addmm_takes_out_dtype() -> bool:
-    return "dtype_out" in torch.ops.aten.addmm.overloads()  # torch >= 2.8
-
-
 def _accumulate_mm(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
     """acc (float32) += a @ b; 16-bit a, b go straight into acc where torch's addmm takes out_dtype (CUDA), else
     through a 16-bit product."""
     if a.dtype == acc.dtype:
         acc.addmm_(a, b)
-    elif a.is_cuda and _addmm_takes_out_dtype():
+    elif a.is_cuda and addmm_takes_out_dtype():
         torch.addmm(acc, a, b, out_dtype=acc.dtype, out=acc)
     else:
         acc.add_(a @ b)
 
 
 class _LinearLogProbsFunction(torch.autograd.Function):
-    """log_probs (N,) float32 of hidden (N, H) through weight (V, H); see the module docstring."""
+    """log_probs (N,) float32 of hidden (N, H) through weight (V, H); see the module docstring.
+
+    When hidden needs a gradient and the weight does not (LoRA and QLoRA: the lm_head is frozen), forward also
+    forms d log_prob_t / d hidden_t for every token while each chunk's logits are still there, and keeps that
+    (N, H) in place of hidden: log_prob_t depends on hidden_t alone, so backward only scales row t by the
+    incoming gradient of token t, exactly, for any upstream loss. That spares backward a second product of every
+    chunk with the whole vocabulary. A trained weight needs the incoming gradients inside its sum over tokens,
+    so it keeps the recomputing backward."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, targets, softcap, temperature, ignore_index, chunk):
+    def forward(ctx, hidden, weight, targets, softcap, temperature, ignore_index, chunk, early):
         n_tokens, V = hidden.shape[0], weight.shape[0]
         lse = torch.empty(n_tokens, dtype=torch.float32, device=hidden.device)
         log_probs = torch.empty_like(lse)
+        grad_rows = torch.empty_like(hidden) if early else None  # d log_prob_t / d hidden_t, (N, H)
+        ones = torch.ones(min(chunk, n_tokens), dtype=torch.float32, device=hidden.device) if early else None
         if n_tokens:
             block = _block_v(V)
             split_cols = block * _SPLIT_BLOCKS
@@ -226,17 +231,28 @@ class _LinearLogProbsFunction(torch.autograd.Function):
                 _lse_combine_kernel[(e - s,)](z, targets[s:e], m_part, s_part, lse[s:e], log_probs[s:e], V,
                                               z.stride(0), n_splits, ignore_index=ignore_index,
                                               SPLITS=max(2, next_power_of_2(n_splits)), num_warps=1, **args)
-        ctx.save_for_backward(hidden, weight, targets, lse)
+                if early:
+                    _logit_grads(z, targets[s:e], lse[s:e], ones[: e - s], ignore_index, block, args)
+                    torch.mm(z, weight, out=grad_rows[s:e])
+        if early:
+            ctx.save_for_backward(grad_rows)
+        else:
+            ctx.save_for_backward(hidden, weight, targets, lse)
+        ctx.early = early
         ctx.args = (softcap, temperature, ignore_index, chunk)
         return log_probs
 
     @staticmethod
     def backward(ctx, grad_out):
+        if ctx.early:  # grad_hidden_t = grad_out_t * d log_prob_t / d hidden_t, formed in forward
+            (grad_rows,) = ctx.saved_tensors
+            scale = grad_out.to(torch.promote_types(grad_rows.dtype, torch.float32))[:, None]
+            return (grad_rows * scale).to(grad_rows.dtype), None, None, None, None, None, None, None
         hidden, weight, targets, lse = ctx.saved_tensors
         softcap, temperature, ignore_index, chunk = ctx.args
         want_hidden, want_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         if not (want_hidden or want_weight):
-            return (None,) * 7
+            return (None,) * 8
         n_tokens, V = hidden.shape[0], weight.shape[0]
         grad_out = grad_out.to(torch.float32).contiguous()  # (N,), e.g. expanded from a sum
         grad_hidden = torch.empty(hidden.shape, dtype=hidden.dtype, device=hidden.device) if want_hidden else None
@@ -245,23 +261,28 @@ class _LinearLogProbsFunction(torch.autograd.Function):
             grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
         if n_tokens:
             block = _block_v(V)
-            n_vblocks = cdiv(V, block)
             buf = torch.empty(min(chunk, n_tokens), V, dtype=hidden.dtype, device=hidden.device)
+            args = _kernel_args(softcap, temperature)
             for s in range(0, n_tokens, chunk):
                 e = min(s + chunk, n_tokens)
                 h = hidden[s:e]  # (n, H)
                 dz = buf[: e - s]  # (n, V): logits, then their gradient in place
                 torch.mm(h, weight.t(), out=dz)
-                _lse_bwd_kernel[((e - s) * n_vblocks,)](dz, targets[s:e], lse[s:e], grad_out[s:e], V, dz.stride(0),
-                                                       n_vblocks, ignore_index=ignore_index, BLOCK_V=block,
-                                                       num_warps=8, **_kernel_args(softcap, temperature))
+                _logit_grads(dz, targets[s:e], lse[s:e], grad_out[s:e], ignore_index, block, args)
                 if want_hidden:
                     torch.mm(dz, weight, out=grad_hidden[s:e])
                 if want_weight:
                     _accumulate_mm(grad_weight, dz.t(), h)
         if grad_weight is not None:
             grad_weight = grad_weight.to(weight.dtype)
-        return grad_hidden, grad_weight, None, None, None, None, None
+        return grad_hidden, grad_weight, None, None, None, None, None, None
+
+
+def _logit_grads(z, targets, lse, grad, ignore_index: int, block: int, args: dict) -> None:
+    """z (n, V): the logits of n tokens, overwritten with d log_prob / d z times grad (n,) float32."""
+    n_vblocks = cdiv(z.shape[1], block)
+    _lse_bwd_kernel[(z.shape[0] * n_vblocks,)](z, targets, lse, grad, z.shape[1], z.stride(0), n_vblocks,
+                                               ignore_index=ignore_index, BLOCK_V=block, num_warps=8, **args)
 
 
 # -------------------------------------------------------------------------------------------------- public ops
@@ -282,8 +303,10 @@ def linear_log_probs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.
     if dispatch.use_triton("linear_cross_entropy", hidden, weight, targets, dtypes=KERNEL_DTYPES):
         if weight.dtype != hidden.dtype:
             raise ValueError(f"hidden is {hidden.dtype} but the weight is {weight.dtype}; cast one of them")
+        # The hidden gradient in forward (see _LinearLogProbsFunction) where autograd will want it and only it.
+        early = torch.is_grad_enabled() and hidden.requires_grad and not weight.requires_grad
         out = _LinearLogProbsFunction.apply(hidden, weight, targets.long().contiguous(), softcap,
-                                            float(temperature), int(ignore_index), int(chunk))
+                                            float(temperature), int(ignore_index), int(chunk), early)
     else:
         out = _chunked_ref(hidden, weight, targets, softcap, temperature, ignore_index, chunk)
     return out.reshape(shape)

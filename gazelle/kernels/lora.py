@@ -51,6 +51,7 @@ runs in x's dtype. LoRA gradients are returned in their parameters' dtype (float
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -59,6 +60,7 @@ from torch import nn
 
 from gazelle.kernels import dispatch
 from gazelle.kernels.glu import ACTS, glu_backward, glu_forward, glu_ref
+from gazelle.kernels.launch import addmm_takes_out_dtype
 from gazelle.kernels.nf4 import dequantize_nf4
 from gazelle.quant.nf4 import NF4Tensor
 
@@ -160,17 +162,62 @@ def lora_mlp_ref(x: torch.Tensor, gate: LoraProjection | None = None, up: LoraPr
 # ------------------------------------------------------------------------------------------- fused helpers
 
 
+_CASTS: dict[int, dict] = {}
+"""id of a lora parameter -> {(kind, dtype, count): (stamp, tensor)}: adapter weights cast (and scaled) for the
+products; an entry goes when its parameter does (weakref.finalize; tensors compare by value, not identity, so a
+WeakKeyDictionary cannot hold them)."""
+
+
+def _cached(kind: str, tensors: tuple[torch.Tensor, ...], dtype: torch.dtype, scaling: float, make) -> torch.Tensor:
+    """make() (a cast of `tensors`), kept until one of them changes.
+
+    A step of training runs every projection three times (forward, recomputation, backward) on unchanged adapters,
+    and sampling runs it once per token: casting the float32 adapters each time was half of a step's kernel
+    launches. The copy is kept beside the parameters (x's dtype, 2 bytes a LoRA parameter for bf16) and made
+    again when a parameter's version counter moves (every in-place write bumps it: an optimizer step, a load
+    under no_grad), its storage moves, or the scaling changes. Writes through `.data` bypass the counter."""
+    stamp = tuple((id(t), t._version, t.data_ptr()) for t in tensors) + (scaling,)
+    entries = _CASTS.get(id(tensors[0]))
+    if entries is None:
+        entries = _CASTS[id(tensors[0])] = {}
+        weakref.finalize(tensors[0], _CASTS.pop, id(tensors[0]), None)
+    key = (kind, dtype, len(tensors))
+    hit = entries.get(key)
+    if hit is not None and hit[0] == stamp:
+        return hit[1]
+    with torch.inference_mode(False), torch.no_grad():  # a normal tensor even when sampling made it
+        value = make()
+    entries[key] = (stamp, value)
+    return value
+
+
 def _stacked_a(ps, dtype: torch.dtype) -> torch.Tensor:
     """[A_1; ...; A_k] (R, in) in dtype, R = sum of the ranks."""
-    if len(ps) == 1:
-        return ps[0].lora_a.to(dtype)
-    return torch.cat([p.lora_a.to(dtype) for p in ps])
+    tensors = tuple(p.lora_a for p in ps)
+    return _cached("a", tensors, dtype, 0.0, lambda: torch.cat([a.to(dtype) for a in tensors]))
 
 
 def _scaled_b(p: LoraProjection, dtype: torch.dtype) -> torch.Tensor:
     """s B (out, r) in dtype: scaled in float32 (or float64) and rounded once."""
     wide = torch.promote_types(dtype, torch.float32)
-    return (p.lora_b.to(wide) * p.scaling).to(dtype)
+    return _cached("b", (p.lora_b,), dtype, p.scaling, lambda: (p.lora_b.to(wide) * p.scaling).to(dtype))
+
+
+def _mm_wide(a: torch.Tensor, b: torch.Tensor, alpha: float, out_dtype: torch.dtype,
+             out: torch.Tensor | None = None) -> torch.Tensor:
+    """alpha * a @ b in out_dtype (float32 or wider), for the adapter gradients: on CUDA one product that
+    accumulates and writes float32 (addmm's out_dtype, torch >= 2.8), elsewhere a product in the inputs' dtype,
+    widened, then scaled."""
+    if a.dtype != out_dtype and a.is_cuda and addmm_takes_out_dtype():
+        if out is None:
+            out = torch.empty(a.shape[0], b.shape[1], dtype=out_dtype, device=a.device)
+        return torch.addmm(out, a, b, beta=0, alpha=alpha, out_dtype=out_dtype, out=out)
+    result = torch.mm(a, b).to(out_dtype)
+    if alpha != 1.0:
+        result.mul_(alpha)
+    if out is None:
+        return result
+    return out.copy_(result)
 
 
 def _project(x2: torch.Tensor, xa: torch.Tensor, p: LoraProjection) -> torch.Tensor:
@@ -212,8 +259,10 @@ def _group_backward(x2: torch.Tensor, xa: torch.Tensor, ps, grads, need_x: bool,
             gb = torch.mm(g, bs[lo:hi]) if gb is None else gb.addmm_(g, bs[lo:hi])
         gbs.append(gb)
         grad_b = None
-        if need_b:  # s g^T xa (out, r), scaled in float32 (float64) before the cast
-            grad_b = torch.cat([torch.mm(g.T, xa_i) for _, _, g in chunks]).to(wide).mul_(p.scaling)
+        if need_b:  # s g^T xa (out, r), accumulated and scaled in float32 (float64)
+            grad_b = torch.empty(p.lora_b.shape, dtype=wide, device=x2.device)
+            for lo, hi, g in chunks:
+                _mm_wide(g.T, xa_i, p.scaling, wide, out=grad_b[lo:hi])
             grad_b = grad_b.to(p.lora_b.dtype)
         grad_bs.append(grad_b)
     g_all = gbs[0] if len(gbs) == 1 else torch.cat(gbs, dim=1)  # (N, R)
@@ -239,7 +288,7 @@ def _group_backward(x2: torch.Tensor, xa: torch.Tensor, ps, grads, need_x: bool,
         del chunks
     grad_as = [None] * len(ps)
     if any(n[0] for n in needs):
-        grad_as = torch.mm(g_all.T, x2).split(ranks)  # s_i (g_i B_i)^T x (r_i, in)
+        grad_as = _mm_wide(g_all.T, x2, 1.0, wide).split(ranks)  # s_i (g_i B_i)^T x (r_i, in)
         grad_as = [ga.to(p.lora_a.dtype) if n[0] else None for p, ga, n in zip(ps, grad_as, needs)]
     return grad_x, list(zip(grad_as, grad_bs, grad_biases))
 
@@ -285,15 +334,22 @@ class _LoraGroupFunction(torch.autograd.Function):
 
 
 class _LoraMlpFunction(torch.autograd.Function):
-    """down(act(gate(x)) * up(x)); saves x, e, u and the (N, r) adapter inputs; h is recomputed in backward."""
+    """down(act(gate(x)) * up(x)); saves x, e, u and the (N, r) adapter inputs; h is recomputed in backward.
+
+    output=False leaves the down projection out (its output is returned unwritten): backward needs e, u and
+    h Ad^T, never y, so a checkpoint's recomputation, whose output only routes gradients, skips that product."""
 
     @staticmethod
-    def forward(ctx, x, act, ups, down, *params):  # ups: (gate, up) or (gate_up,); params: _params(ups + (down,))
+    def forward(ctx, x, act, ups, down, output, *params):  # ups: (gate, up) or (gate_up,); params: _params(ups + (down,))
         x2 = _rows(x)  # (N, H)
         outs, xa = _group_forward(x2, ups)  # [(N, I), (N, I)] or [(N, 2I)]
         e, u = outs if len(outs) == 2 else outs[0].chunk(2, dim=-1)  # (N, I) each, halves may be strided
         h = glu_forward(e, u, act)  # (N, I)
-        (y,), ha = _group_forward(h, (down,))  # (N, H), (N, r_d)
+        if output:
+            (y,), ha = _group_forward(h, (down,))  # (N, H), (N, r_d)
+        else:
+            ha = torch.mm(h, _stacked_a((down,), h.dtype).T)  # (N, r_d)
+            y = x2.new_empty(x2.shape[0], down.out_features)
         ctx.act, ctx.ups, ctx.down, ctx.x_shape = act, ups, down, x.shape
         ctx.save_for_backward(x2, xa, ha, *outs)
         return y.view(*x.shape[:-1], y.shape[-1])
@@ -306,8 +362,8 @@ class _LoraMlpFunction(torch.autograd.Function):
         e, u = outs if len(outs) == 2 else outs[0].chunk(2, dim=-1)
         needs = ctx.needs_input_grad
         n_up = len(ups)
-        up_needs = _needs(needs[4:], n_up)
-        down_needs = _needs(needs[4 + 3 * n_up :], 1)
+        up_needs = _needs(needs[5:], n_up)
+        down_needs = _needs(needs[5 + 3 * n_up :], 1)
         need_h = needs[0] or any(any(n) for n in up_needs)
         g = _rows(grad_y)  # (N, H)
         h = glu_forward(e, u, act)  # recomputed, (N, I)
@@ -325,7 +381,7 @@ class _LoraMlpFunction(torch.autograd.Function):
             grad_x, up_grads = _group_backward(x2, xa, ups, chunks, needs[0], up_needs)
             if grad_x is not None:
                 grad_x = grad_x.view(ctx.x_shape)
-        return grad_x, None, None, None, *_flat(up_grads), *_flat(down_grads)
+        return grad_x, None, None, None, None, *_flat(up_grads), *_flat(down_grads)
 
 
 # ---------------------------------------------------------------------------------------------- public ops
@@ -377,11 +433,14 @@ def _check_mlp(gate, up, down, act, gate_up) -> None:
 
 def lora_mlp(x: torch.Tensor, gate: LoraProjection | None = None, up: LoraProjection | None = None,
              down: LoraProjection | None = None, act: str = "silu", *,
-             gate_up: LoraProjection | None = None) -> torch.Tensor:
+             gate_up: LoraProjection | None = None, output: bool = True) -> torch.Tensor:
     """x (..., H) -> down(act(gate(x)) * up(x)) (..., H), act in ACTS; gate_up= replaces gate and up for a
-    fused (2I, H) projection whose output halves are gate and up. Fused, or lora_mlp_ref per dispatch."""
+    fused (2I, H) projection whose output halves are gate and up. Fused, or lora_mlp_ref per dispatch.
+
+    output=False: the caller uses only the gradients that flow back through the result, not its values (a
+    checkpoint's recomputation); the fused path then skips the down projection and leaves the values unwritten."""
     _check_mlp(gate, up, down, act, gate_up)
     ups = (gate_up,) if gate_up is not None else (gate, up)
     if _fused(x, ups + (down,)):
-        return _LoraMlpFunction.apply(x, act, ups, down, *_params(ups + (down,)))
+        return _LoraMlpFunction.apply(x, act, ups, down, output, *_params(ups + (down,)))
     return lora_mlp_ref(x, gate, up, down, act, gate_up=gate_up)

@@ -160,7 +160,9 @@ class MLP(nn.Module):
         """A sequence whose intermediates exceed 4 tiles runs in tiles of about this many bytes of intermediates
         (gazelle.models.tiling); None never tiles."""
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, output: bool = True) -> torch.Tensor:
+        """output=False: only gradients will flow back through the result (a checkpoint's recomputation), so
+        the fused LoRA path may leave its values unwritten and skip the down projection (lora_mlp)."""
         # Grad mode must not decide: a checkpointed forward runs without autograd and its recomputation with it,
         # and both must draw LoRA dropout in the same (tile) order.
         tokens, forced = x.shape[:-1].numel(), forced_tile()
@@ -170,18 +172,18 @@ class MLP(nn.Module):
             tile = max(1, self.tile_bytes // (3 * self.intermediate_size * x.element_size()))
             if tokens > 4 * tile:
                 return tiled(self.block, x, tile)
-        return self.block(x)
+        return self.block(x, output)
 
-    def block(self, x: torch.Tensor) -> torch.Tensor:
+    def block(self, x: torch.Tensor, output: bool = True) -> torch.Tensor:
         if self.fused:
             adapted = fusable(x, self.gate_up_proj, self.down_proj)
             if adapted:
-                return lora_mlp(x, down=adapted[1], act=self.act, gate_up=adapted[0])
+                return lora_mlp(x, down=adapted[1], act=self.act, gate_up=adapted[0], output=output)
             gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
         else:
             adapted = fusable(x, self.gate_proj, self.up_proj, self.down_proj)
             if adapted:
-                return lora_mlp(x, *adapted, act=self.act)
+                return lora_mlp(x, *adapted, act=self.act, output=output)
             hidden = grouped(x, (self.gate_proj, self.up_proj), self.act)
             if hidden is not None:
                 return self.down_proj(hidden)
@@ -202,12 +204,19 @@ class DecoderLayer(nn.Module):
             self.pre_feedforward_layernorm = norm()
             self.post_feedforward_layernorm = norm()
 
-    def forward(self, x, cos, sin, mask, cache=None):
+    def forward(self, x, cos, sin, mask, cache=None, output: bool = True):
+        """output=False: a checkpoint's recomputation, which backpropagates through the result but never reads
+        it; the MLP may then leave its last product out (MLP.forward). A gemma layer normalizes the MLP's output,
+        whose backward reads it, so it computes everything."""
         if self.sandwich:  # gemma: norms on both sides of attention and of the MLP
             x = x + self.post_attention_layernorm(self.self_attn(self.input_layernorm(x), cos, sin, mask, cache))
             return x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x)))
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        return x + self.mlp(self.post_attention_layernorm(x), output)
+
+    def recompute(self, x, cos, sin, mask, cache=None):
+        """forward for a checkpoint's recomputation (output=False)."""
+        return self.forward(x, cos, sin, mask, cache, output=False)
 
 
 class DecoderBody(nn.Module):
@@ -297,7 +306,7 @@ class Decoder(HFStyleMixin, nn.Module):
             cos, sin = tables[cfg.rope_for(i)]
             mask = masks[cfg.window(i)]
             if session is not None:
-                h = offloaded_checkpoint(layer, session, i, h, cos, sin, mask, cache)
+                h = offloaded_checkpoint(layer, session, i, h, cos, sin, mask, cache, recompute=layer.recompute)
             elif checkpointing:
                 h = checkpoint(layer, h, cos, sin, mask, cache, use_reentrant=False)
             else:

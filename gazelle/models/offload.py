@@ -138,7 +138,9 @@ class OffloadSession:
 
 
 class _OffloadedCheckpoint(torch.autograd.Function):
-    """out = run(x, *args) without saving anything on the GPU; backward reloads x and recomputes.
+    """out = run(x, *args) without saving anything on the GPU; backward reloads x and recomputes (with
+    `recompute`, which computes what run does, except that its output's values may be left out: backward only
+    sends the output's gradient through it).
 
     `anchor` is an empty tensor that requires grad, so the node is in the graph even when x does not need a
     gradient (the first layer's input, from a frozen embedding): the parameters inside `run` still get theirs,
@@ -146,8 +148,8 @@ class _OffloadedCheckpoint(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, run, offloader: OffloadSession, layer: int, anchor, x, *args):
-        ctx.run, ctx.offloader, ctx.layer, ctx.args = run, offloader, layer, args
+    def forward(ctx, run, recompute, offloader: OffloadSession, layer: int, anchor, x, *args):
+        ctx.recompute, ctx.offloader, ctx.layer, ctx.args = recompute, offloader, layer, args
         ctx.x_needs_grad = x.requires_grad
         ctx.cpu_rng = torch.get_rng_state()
         ctx.cuda_rng = torch.cuda.get_rng_state(x.device) if x.is_cuda else None
@@ -165,12 +167,16 @@ class _OffloadedCheckpoint(torch.autograd.Function):
             if ctx.cuda_rng is not None:
                 torch.cuda.set_rng_state(ctx.cuda_rng, x.device)
             with torch.enable_grad():
-                out = ctx.run(x, *ctx.args)
+                out = ctx.recompute(x, *ctx.args)
         torch.autograd.backward(out, grad_out)
-        return (None, None, None, None, x.grad if ctx.x_needs_grad else None) + (None,) * len(ctx.args)
+        return (None, None, None, None, None, x.grad if ctx.x_needs_grad else None) + (None,) * len(ctx.args)
 
 
-def offloaded_checkpoint(run, offloader: OffloadSession, layer: int, x: torch.Tensor, *args) -> torch.Tensor:
-    """run(x, *args) with x offloaded and the call recomputed in backward (see the module docstring)."""
+def offloaded_checkpoint(run, offloader: OffloadSession, layer: int, x: torch.Tensor, *args,
+                         recompute=None) -> torch.Tensor:
+    """run(x, *args) with x offloaded and the call recomputed in backward (see the module docstring).
+
+    recompute: what backward calls instead of run, when there is a cheaper form whose output values are not
+    computed (DecoderLayer.recompute); its gradients must be run's."""
     anchor = torch.empty(0, device=x.device, requires_grad=True)
-    return _OffloadedCheckpoint.apply(run, offloader, layer, anchor, x, *args)
+    return _OffloadedCheckpoint.apply(run, recompute or run, offloader, layer, anchor, x, *args)

@@ -44,7 +44,7 @@ def test_qlora_trains_adapters_over_nf4_layers(tmp_path):
     invariant(tmp_path)
 
 
-@pytest.mark.parametrize("family", ["llama", "gemma2"])
+@pytest.mark.parametrize("family", ["llama", "gemma2", "phi3"])  # phi3: a fused gate_up; gemma2: sandwich norms
 def test_offloaded_checkpointing_gives_the_same_gradients(family):
     from tests.models.test_offload import (
         test_offloaded_checkpointing_gives_the_same_gradients as invariant,

@@ -145,6 +145,36 @@ def test_lora_qkv(cpu_fused, dtype, nf4, bias):
     assert_close(fast, run_ref(lambda t: (q(t), k(t), v(t)), x, [q, k, v]), dtype)
 
 
+def test_cast_adapters_follow_every_change(cpu_fused):
+    """The fused path keeps the adapters cast (and B scaled) between calls: an optimizer step, an in-place write,
+    a new scaling and a replaced parameter must each show in the next call, for stacked and single projections."""
+    mods = [make_lora(HIDDEN, n, seed=s) for s, n in enumerate((OUT, 20, 20))]
+    x = tokens(torch.float32)
+    opt = torch.optim.AdamW(trainable(mods), lr=0.1)
+
+    def check():
+        ps = projections(*mods)
+        assert_close(run(lambda t: lora_qkv(t, *ps), x, mods),
+                     run_ref(lambda t: (mods[0](t), mods[1](t), mods[2](t)), x, mods), torch.float32)
+        (p,) = projections(mods[1])
+        assert_close(run(lambda t: lora_linear(t, p), x, mods[1:2]), run_ref(mods[1], x, mods[1:2]), torch.float32)
+
+    check()
+    for _ in range(2):
+        sum(o.sum() for o in lora_qkv(x, *projections(*mods))).backward()
+        opt.step()
+        opt.zero_grad()
+        check()
+    with torch.no_grad():
+        mods[1].lora_A.weight.mul_(-1.5)
+        mods[2].lora_B.weight.add_(0.25)
+    check()
+    mods[0].scaling = 3.0
+    check()
+    mods[2].lora_B.weight = nn.Parameter(torch.randn_like(mods[2].lora_B.weight))
+    check()
+
+
 def test_lora_qkv_unused_output(cpu_fused):
     """An output that takes no part in the loss gets a zero gradient (autograd materializes it)."""
     mods = [make_lora(HIDDEN, n, seed=s) for s, n in enumerate((OUT, 20, 20))]
@@ -186,6 +216,21 @@ def test_lora_mlp(cpu_fused, dtype, nf4, bias, act):
     fast = run(lambda t: lora_mlp(t, gate, up, down, act), x, mods)
     assert_close(fast, run_ref(mlp_module_fn(mods, act), x, mods), dtype)
     assert_fused(lora_mlp(x.requires_grad_(), gate, up, down, act), "_LoraMlpFunction")
+
+
+@pytest.mark.parametrize("fused_gate_up", [False, True])
+@pytest.mark.parametrize("nf4", [False, True])
+def test_lora_mlp_without_output_gives_the_same_gradients(cpu_fused, nf4, fused_gate_up):
+    """output=False (a recomputation) skips the down projection; every gradient is still autograd's."""
+    mods = mlp_modules(torch.float32, nf4, True, fused_gate_up)
+    ps = projections(*mods)
+    kw = dict(down=ps[-1], gate_up=ps[0]) if fused_gate_up else dict(gate=ps[0], up=ps[1], down=ps[2])
+    x = tokens(torch.float32)
+    _, grads = run(lambda t: lora_mlp(t, act="silu", output=False, **kw), x, mods)
+    _, ref = run_ref(mlp_module_fn(mods, "silu"), x, mods)
+    assert len(grads) == len(ref) == 1 + 2 * len(mods) + len(mods)  # x, A and B, trained biases
+    for g, r in zip(grads, ref):
+        torch.testing.assert_close(g, r, atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("act", ["silu", "gelu"])
