@@ -168,14 +168,20 @@ products; an entry goes when its parameter does (weakref.finalize; tensors compa
 WeakKeyDictionary cannot hold them)."""
 
 
-def _cached(kind: str, tensors: tuple[torch.Tensor, ...], dtype: torch.dtype, scaling: float, make) -> torch.Tensor:
-    """make() (a cast of `tensors`), kept until one of them changes.
+def _cached(kind: str, tensors: tuple[torch.Tensor, ...], dtype: torch.dtype, scaling: float,
+            shape: tuple[int, ...], fill) -> torch.Tensor:
+    """fill(out) (a cast of `tensors` into out, (shape) in dtype), kept until one of them changes.
 
     A step of training runs every projection three times (forward, recomputation, backward) on unchanged adapters,
     and sampling runs it once per token: casting the float32 adapters each time was half of a step's kernel
-    launches. The copy is kept beside the parameters (x's dtype, 2 bytes a LoRA parameter for bf16) and made
-    again when a parameter's version counter moves (every in-place write bumps it: an optimizer step, a load
-    under no_grad), its storage moves, or the scaling changes. Writes through `.data` bypass the counter."""
+    launches. The copy is kept beside the parameters (x's dtype, 2 bytes a LoRA parameter for bf16) and written
+    again, in place, when a parameter's version counter moves (every in-place write bumps it: an optimizer step,
+    a load under no_grad), its storage moves, or the scaling changes. Writes through `.data` bypass the counter.
+    Under CUDA-graph capture nothing is kept: the graph then casts on every replay, so it reads the adapters'
+    values of that moment, as it must after the optimizer has stepped."""
+    device = tensors[0].device
+    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        return fill(torch.empty(shape, dtype=dtype, device=device))
     stamp = tuple((id(t), t._version, t.data_ptr()) for t in tensors) + (scaling,)
     entries = _CASTS.get(id(tensors[0]))
     if entries is None:
@@ -185,22 +191,29 @@ def _cached(kind: str, tensors: tuple[torch.Tensor, ...], dtype: torch.dtype, sc
     hit = entries.get(key)
     if hit is not None and hit[0] == stamp:
         return hit[1]
+    out = hit[1] if hit is not None and hit[1].shape == shape and hit[1].device == device else None
     with torch.inference_mode(False), torch.no_grad():  # a normal tensor even when sampling made it
-        value = make()
-    entries[key] = (stamp, value)
-    return value
+        out = fill(torch.empty(shape, dtype=dtype, device=device) if out is None else out)
+    entries[key] = (stamp, out)
+    return out
 
 
 def _stacked_a(ps, dtype: torch.dtype) -> torch.Tensor:
-    """[A_1; ...; A_k] (R, in) in dtype, R = sum of the ranks."""
+    """[A_1; ...; A_k] (R, in) in dtype, R = sum of the ranks: one cast-and-copy launch."""
     tensors = tuple(p.lora_a for p in ps)
-    return _cached("a", tensors, dtype, 0.0, lambda: torch.cat([a.to(dtype) for a in tensors]))
+    shape = (sum(a.shape[0] for a in tensors), tensors[0].shape[1])
+    return _cached("a", tensors, dtype, 0.0, shape, lambda out: torch.cat(tensors, out=out))
 
 
 def _scaled_b(p: LoraProjection, dtype: torch.dtype) -> torch.Tensor:
-    """s B (out, r) in dtype: scaled in float32 (or float64) and rounded once."""
-    wide = torch.promote_types(dtype, torch.float32)
-    return _cached("b", (p.lora_b,), dtype, p.scaling, lambda: (p.lora_b.to(wide) * p.scaling).to(dtype))
+    """s B (out, r) in dtype: scaled in float32 (or wider: the parameter's dtype promoted) and rounded once."""
+    b = p.lora_b
+
+    def fill(out):
+        wide = b if torch.promote_types(b.dtype, dtype) == b.dtype else b.to(dtype)  # float64 x: scaled in float64
+        return torch.mul(wide, p.scaling, out=out)
+
+    return _cached("b", (b,), dtype, p.scaling, tuple(b.shape), fill)
 
 
 def _mm_wide(a: torch.Tensor, b: torch.Tensor, alpha: float, out_dtype: torch.dtype,

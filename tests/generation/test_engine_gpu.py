@@ -64,5 +64,16 @@ def test_gpu_engine_lora_greedy_equals_the_cpu_reference(compile):
                 p.normal_(0.0, 0.05)
     batch = prompts(lengths=(7, 12, 3, 9))
     expected = reference_greedy(model, batch, 12)
-    got = Engine(model.cuda(), compile=compile).generate(batch, max_new_tokens=12, n=2)
+    engine = Engine(model.cuda(), compile=compile)
+    got = engine.generate(batch, max_new_tokens=12, n=2)
     assert got == [seq for seq in expected for _ in range(2)]
+    # An in-place update, as an optimizer step makes it: the captured graphs replay with the new adapters (the
+    # fused path's cast adapters are kept between calls, but never inside a graph).
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_" in name:
+                p.mul_(-1.5)
+    on_cpu = FastLanguageModel.get_peft_model(gazelle_model("llama"), r=4, lora_alpha=8)
+    on_cpu.load_state_dict({k: v.cpu() for k, v in model.state_dict().items()})
+    expected = reference_greedy(on_cpu, batch, 12)
+    assert engine.generate(batch, max_new_tokens=12, n=2) == [seq for seq in expected for _ in range(2)]
