@@ -131,15 +131,10 @@ def profile_step(step, spec: str) -> None:
         torch.cuda.synchronize()
         wall = time.perf_counter() - start
     with tempfile.TemporaryDirectory() as tmp:
-        path = os.path.join(tmp, "trace.json")
-        prof.export_chrome_trace(path)
-        with open(path) as f:
+        path = os.path.join(os.environ.get("SFT_TRACE_DIR") or tmp, spec.replace(":", "_") + ".json.gz")
+        prof.export_chrome_trace(path)  # gzipped by torch for a .gz name
+        with gzip.open(path, "rt") as f:
             events = json.load(f)["traceEvents"]
-        out_dir = os.environ.get("SFT_TRACE_DIR")
-        if out_dir:
-            name = spec.replace(":", "_") + ".json.gz"
-            with open(path, "rb") as src, gzip.open(os.path.join(out_dir, name), "wb") as dst:
-                dst.write(src.read())
     kernels = sorted((e["ts"], e["ts"] + e["dur"], e["name"]) for e in events if e.get("cat") == "kernel")
     if not kernels:
         raise SystemExit("the profile holds no CUDA kernels")
