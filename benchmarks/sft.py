@@ -7,15 +7,18 @@ From the repository root on the device machine, with ../shared/bench copied to .
     PYTHONPATH=. python3 benchmarks/sft.py gazelle:llama8b:2x2048:4bit hf:llama8b:2x2048:4bit
     PYTHONPATH=. python3 benchmarks/sft.py --longest 65536,131072,262144,400000   # llama-8B QLoRA, batch 1
 
-SPEC = impl:shape:BATCHxSEQ[:4bit][:ckpt=off|on|unsloth][:profile] (profile: gazelle only, one extra step's
-top CUDA ops). Each runs in a process of its own, so each peak is its
-own. Both libraries load the random weights ../shared/bench/hf_baseline.py saves (/tmp/hf_baseline_SHAPE; built
-here the same way if missing), train LoRA r=32 alpha=32 dropout 0 on q,k,v,o,gate,up,down with torch AdamW
-lr 1e-4 on the same tokens (torch.manual_seed(0); randint(0, 150000, (B, S)) on cuda, labels = the ids), six
-steps; the step time is the median of steps 3-6; peak = torch.cuda.max_memory_allocated; the loss printed is the
-last step's (and the first step's for gazelle: the adapters start at zero, so it is the base model's loss).
-gazelle trains as its SFTTrainer does (hidden states, then the chunked lm_head + cross-entropy), with the
-checkpointing mode get_peft_model defaults to ("unsloth": layer inputs offloaded to CPU) unless ckpt= says.
+SPEC = impl:shape:BATCHxSEQ[:4bit][:ckpt=off|on|unsloth][:graphs=off][:profile][:memory] (profile: gazelle only,
+one extra step's top CUDA ops; memory: gazelle only, what was allocated at the peak, by site, its timings slowed by
+the recording; graphs=off: gazelle's micro-batch eager, not replayed from a CUDA graph). Each runs in a
+process of its own, so each peak is its own. Both libraries load the random weights ../shared/bench/hf_baseline.py
+saves (/tmp/hf_baseline_SHAPE; built here the same way if missing), train LoRA r=32 alpha=32 dropout 0 on
+q,k,v,o,gate,up,down with AdamW lr 1e-4 (weight decay 0.01) on the same tokens (torch.manual_seed(0);
+randint(0, 150000, (B, S)) on cuda, labels = the ids). HF: six steps, the step time the median of steps 3-6
+(hf_baseline.py). gazelle: seven steps (two eager warm-ups, the capture, four replays), the median of steps 4-7.
+peak = torch.cuda.max_memory_allocated (gazelle also prints max_memory_reserved); the loss printed is the last
+step's (and the first step's for gazelle: the adapters start at zero, so it is the base model's loss). gazelle
+trains as its SFTTrainer does (GazelleStep), with the checkpointing mode get_peft_model defaults to ("unsloth":
+layer inputs offloaded to CPU) unless ckpt= says.
 
 --longest: one process, gazelle QLoRA batch 1 on the llama-8B shape, one full training step (forward, backward,
 optimizer) per length in the list, ascending, stopping at the first that runs out of memory.
@@ -41,7 +44,7 @@ from shapes import LORA_TARGETS, SHAPES  # noqa: E402 (.bench/shapes.py, beside 
 
 DEFAULT = [f"{impl}:{shape}:{size}{q}" for shape, size in (("llama8b", "2x2048"), ("qwen1.5b", "8x1024"))
            for q in ("", ":4bit") for impl in ("gazelle", "hf")]
-STEPS, WARMUP = 6, 2
+GAZELLE_STEPS, GAZELLE_WARMUP = 7, 3  # two eager warm-ups and the capture, then four replays timed
 
 
 def parse(spec: str) -> dict:
@@ -51,7 +54,7 @@ def parse(spec: str) -> dict:
         raise SystemExit(f"bad SPEC {spec!r}: impl gazelle|hf, shape one of {sorted(SHAPES)}")
     ckpt = next((f.split("=", 1)[1] for f in flags if f.startswith("ckpt=")), "unsloth")
     return dict(impl=impl, shape=shape, batch=batch, seq=seq, q4="4bit" in flags, ckpt=ckpt, spec=spec,
-                profile="profile" in flags)
+                profile="profile" in flags, graphs="graphs=off" not in flags, memory="memory" in flags)
 
 
 def model_dir(shape: str) -> str:
@@ -80,40 +83,100 @@ def gazelle_model(shape: str, q4: bool, ckpt: str):
                                             target_modules=LORA_TARGETS, use_gradient_checkpointing=mode)
 
 
-def train_step(model, optimizer, ids: torch.Tensor) -> float:
-    """One optimizer step as gazelle's SFTTrainer takes it: token-mean next-token cross-entropy."""
-    from gazelle.losses.cross_entropy import cross_entropy_sum
+class GazelleStep:
+    """One optimizer step as gazelle's SFTTrainer takes it: token-mean next-token cross-entropy through the
+    trainer's capturable loss (every position through the chunked head, the last one without a target), the
+    micro-batch replayed from a CUDA graph after two eager warm-ups (graphs=off: always eager), the trainer's
+    optimizer (fused AdamW on CUDA; weight decay 0.01 as torch's AdamW default, which the HF side uses)."""
 
-    hidden = model(ids)
-    loss_sum, count = cross_entropy_sum(model.logits, hidden[:, :-1], ids[:, 1:], model.config.vocab_size)
-    loss = loss_sum / count
-    loss.backward()
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-    return loss.detach()
+    def __init__(self, model, graphs: bool = True):
+        from gazelle.losses.cross_entropy import cross_entropy_sum
+        from gazelle.trainers.config import TrainingArguments
+        from gazelle.trainers.graphed import GraphedStep
+        from gazelle.trainers.loop import make_optimizer
+
+        self.model = model
+        self.optimizer = make_optimizer(model, TrainingArguments(learning_rate=1e-4, weight_decay=0.01))
+
+        def loss(batch):
+            hidden = model(batch["input_ids"])
+            return cross_entropy_sum(model.logits, hidden, batch["targets"], model.config.vocab_size)
+
+        self.loss = loss
+        params = [p for g in self.optimizer.param_groups for p in g["params"]]
+        self.runner = GraphedStep(loss, params) if graphs else None
+
+    def __call__(self, ids: torch.Tensor) -> torch.Tensor:
+        targets = torch.cat([ids[:, 1:], torch.full_like(ids[:, :1], -100)], dim=1)
+        tokens = targets.shape[0] * (targets.shape[1] - 1)
+        batch = {"input_ids": ids, "targets": targets}
+        if self.runner is not None:
+            loss_sum, _ = self.runner(batch, 1.0 / tokens)
+            loss = loss_sum / tokens  # a new tensor: the graph's output is overwritten by the next replay
+        else:
+            loss_sum, _ = self.loss(batch)
+            loss = loss_sum / tokens
+            loss.backward()
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=self.runner is None)
+        return loss.detach()
 
 
 def run_gazelle(case: dict) -> dict:
+    if case["memory"]:
+        torch.cuda.memory._record_memory_history(max_entries=3_000_000)
     model = gazelle_model(case["shape"], case["q4"], case["ckpt"]).train()
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    step_fn = GazelleStep(model, graphs=case["graphs"])
     torch.manual_seed(0)
     ids = torch.randint(0, 150000, (case["batch"], case["seq"]), device="cuda")
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     times, losses = [], []
-    for _ in range(STEPS):
+    for _ in range(GAZELLE_STEPS):
         torch.cuda.synchronize()
         start = time.perf_counter()
-        losses.append(train_step(model, optimizer, ids))
+        losses.append(step_fn(ids))
         torch.cuda.synchronize()
         times.append(time.perf_counter() - start)
-    step = sorted(times[WARMUP:])[len(times[WARMUP:]) // 2]
+    steady = times[GAZELLE_WARMUP:]
+    step = sorted(steady)[len(steady) // 2]
     peak = torch.cuda.max_memory_allocated()
     if case["profile"]:  # one more step, untimed, under the profiler: where the time goes
-        profile_step(lambda: train_step(model, optimizer, ids), case["spec"])
+        profile_step(lambda: step_fn(ids), case["spec"])
+    if case["memory"]:
+        memory_at_peak(torch.cuda.memory._snapshot(), case["spec"])
+    runner = step_fn.runner
     return dict(step_s=round(step, 4), tok_s=round(case["batch"] * case["seq"] / step),
                 loss=round(losses[-1].item(), 4), first_loss=round(losses[0].item(), 4),
-                peak_gib=round(peak / 2**30, 2))
+                peak_gib=round(peak / 2**30, 2), reserved_gib=round(torch.cuda.max_memory_reserved() / 2**30, 2),
+                replays=runner.replays if runner else 0, graph_failure=runner.failure if runner else None,
+                step_times=[round(t, 4) for t in times])
+
+
+def memory_at_peak(snapshot: dict, spec: str) -> None:
+    """What was allocated at the run's peak, from the allocator's recorded history (every allocation since the
+    model was loaded): bytes by the innermost gazelle (or benchmark) frame that allocated them, to stderr."""
+    live: dict[int, tuple[int, str]] = {}
+    total = peak = 0
+    at_peak: dict[int, tuple[int, str]] = {}
+    for event in snapshot["device_traces"][0]:
+        if event["action"] == "alloc":
+            frames = event.get("frames") or []
+            where = next((f"{os.path.relpath(f['filename'], ROOT)}:{f['line']} {f['name']}" for f in frames
+                          if f["filename"].startswith(ROOT) and "/.bench/" not in f["filename"]), "(outside gazelle)")
+            live[event["addr"]] = (event["size"], where)
+            total += event["size"]
+            if total > peak:
+                peak, at_peak = total, dict(live)
+        elif event["action"] == "free_completed" and event["addr"] in live:
+            total -= live.pop(event["addr"])[0]
+    by_site: dict[str, list[int]] = {}
+    for size, where in at_peak.values():
+        by_site.setdefault(where, []).append(size)
+    lines = [f"MEMORY {spec}: {peak / 2**30:.2f} GiB live at the peak of the recorded history, by allocating site:"]
+    for where, sizes in sorted(by_site.items(), key=lambda kv: -sum(kv[1]))[:25]:
+        lines.append(f"  {sum(sizes) / 2**30:7.3f} GiB {len(sizes):5d}  {where}")
+    print("\n".join(lines), file=sys.stderr, flush=True)
 
 
 def profile_step(step, spec: str) -> None:
@@ -169,6 +232,8 @@ def run_case(case: dict) -> dict:
     proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True)
     if case["profile"]:
         print(proc.stderr[-12000:], flush=True)
+    elif case["memory"]:
+        print("\n".join(ln for ln in proc.stderr.splitlines() if ln.startswith(("MEMORY", "  "))), flush=True)
     line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
     if line is None:
         tail = (proc.stdout + proc.stderr)[-1500:]
@@ -180,7 +245,7 @@ def run_case(case: dict) -> dict:
 def longest(lengths: list[int]) -> None:
     """Full QLoRA steps at batch 1 on the llama-8B shape at each length until one runs out of memory."""
     model = gazelle_model("llama8b", True, "unsloth").train()
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    step_fn = GazelleStep(model, graphs=False)  # one step per length: nothing to replay
     for length in lengths:
         torch.manual_seed(0)
         ids = torch.randint(0, 150000, (1, length), device="cuda")
@@ -188,9 +253,9 @@ def longest(lengths: list[int]) -> None:
         torch.cuda.reset_peak_memory_stats()
         start = time.perf_counter()
         try:
-            loss = train_step(model, optimizer, ids).item()
+            loss = step_fn(ids).item()
         except torch.OutOfMemoryError:
-            optimizer.zero_grad(set_to_none=True)
+            step_fn.optimizer.zero_grad(set_to_none=True)
             print("RESULT", json.dumps(dict(length=length, fits=False)), flush=True)
             break
         torch.cuda.synchronize()

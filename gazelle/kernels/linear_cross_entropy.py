@@ -82,7 +82,7 @@ def _chunked_ref(hidden, weight, targets, softcap, temperature, ignore_index, ch
     parts = []
     for s in range(0, hidden.shape[0], chunk):
         args = (hidden[s : s + chunk], weight, targets[s : s + chunk], softcap, temperature, ignore_index)
-        parts.append(checkpoint(linear_log_probs_ref, *args, use_reentrant=False) if grad
+        parts.append(checkpoint(linear_log_probs_ref, *args, use_reentrant=False, preserve_rng_state=False) if grad
                      else linear_log_probs_ref(*args))
     return torch.cat(parts)
 

@@ -52,11 +52,13 @@ runs in x's dtype. LoRA gradients are returned in their parameters' dtype (float
 from __future__ import annotations
 
 import weakref
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from gazelle.kernels import dispatch
 from gazelle.kernels.glu import ACTS, glu_backward, glu_forward, glu_ref
@@ -163,57 +165,116 @@ def lora_mlp_ref(x: torch.Tensor, gate: LoraProjection | None = None, up: LoraPr
 
 
 _CASTS: dict[int, dict] = {}
-"""id of a lora parameter -> {(kind, dtype, count): (stamp, tensor)}: adapter weights cast (and scaled) for the
-products; an entry goes when its parameter does (weakref.finalize; tensors compare by value, not identity, so a
+"""id of a lora parameter -> {(kind, dtype, count): _Cast}: adapter weights cast (and scaled) for the products;
+an entry goes when its parameter does (weakref.finalize; tensors compare by value, not identity, so a
 WeakKeyDictionary cannot hold them)."""
+
+_KEEP_IN_CAPTURE = False  # casts_kept_in_capture() sets it
+_OPTIMIZER_STEPS = 0  # torch optimizer steps taken in this process (every kept cast is stale after one)
+
+
+def _count_step(optimizer, args, kwargs) -> None:
+    global _OPTIMIZER_STEPS
+    _OPTIMIZER_STEPS += 1
+
+
+# Fused optimizers (torch's AdamW(fused=True) among them) write the parameters without bumping their version
+# counters, so a step would go unseen by the stamps alone; this global hook runs after every torch.optim step.
+register_optimizer_step_post_hook(_count_step)
+
+
+@dataclass
+class _Cast:
+    stamp: tuple
+    out: torch.Tensor
+    refs: tuple  # weak references to the parameters cast, for refresh_casts
+    scaling: float
+    fill: object  # fill(out, tensors, scaling) -> out: module-level, so the entry keeps no parameter alive
+
+
+def _stamp(tensors: tuple[torch.Tensor, ...], scaling: float) -> tuple:
+    return tuple((id(t), t._version, t.data_ptr()) for t in tensors) + (scaling, _OPTIMIZER_STEPS)
 
 
 def _cached(kind: str, tensors: tuple[torch.Tensor, ...], dtype: torch.dtype, scaling: float,
             shape: tuple[int, ...], fill) -> torch.Tensor:
-    """fill(out) (a cast of `tensors` into out, (shape) in dtype), kept until one of them changes.
+    """fill(out, tensors, scaling) (a cast of `tensors` into out, (shape) in dtype), kept until one of them changes.
 
     A step of training runs every projection three times (forward, recomputation, backward) on unchanged adapters,
     and sampling runs it once per token: casting the float32 adapters each time was half of a step's kernel
     launches. The copy is kept beside the parameters (x's dtype, 2 bytes a LoRA parameter for bf16) and written
-    again, in place, when a parameter's version counter moves (every in-place write bumps it: an optimizer step,
-    a load under no_grad), its storage moves, or the scaling changes. Writes through `.data` bypass the counter.
+    again, in place, when a parameter's version counter moves (every in-place write bumps it: a load under no_grad,
+    most optimizer steps), its storage moves, the scaling changes, or any torch optimizer has stepped (fused
+    optimizers write without bumping the counters). Writes through `.data` outside an optimizer go unseen.
     Under CUDA-graph capture nothing is kept: the graph then casts on every replay, so it reads the adapters'
-    values of that moment, as it must after the optimizer has stepped."""
+    values of that moment, as it must after the optimizer has stepped. Inside casts_kept_in_capture() the graph
+    reads the kept copies instead, and whoever replays it calls refresh_casts() first."""
     device = tensors[0].device
-    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-        return fill(torch.empty(shape, dtype=dtype, device=device))
-    stamp = tuple((id(t), t._version, t.data_ptr()) for t in tensors) + (scaling,)
+    if device.type == "cuda" and not _KEEP_IN_CAPTURE and torch.cuda.is_current_stream_capturing():
+        return fill(torch.empty(shape, dtype=dtype, device=device), tensors, scaling)
+    stamp = _stamp(tensors, scaling)
     entries = _CASTS.get(id(tensors[0]))
     if entries is None:
         entries = _CASTS[id(tensors[0])] = {}
         weakref.finalize(tensors[0], _CASTS.pop, id(tensors[0]), None)
     key = (kind, dtype, len(tensors))
     hit = entries.get(key)
-    if hit is not None and hit[0] == stamp:
-        return hit[1]
-    out = hit[1] if hit is not None and hit[1].shape == shape and hit[1].device == device else None
+    if hit is not None and hit.stamp == stamp:
+        return hit.out
+    out = hit.out if hit is not None and hit.out.shape == shape and hit.out.device == device else None
     with torch.inference_mode(False), torch.no_grad():  # a normal tensor even when sampling made it
-        out = fill(torch.empty(shape, dtype=dtype, device=device) if out is None else out)
-    entries[key] = (stamp, out)
+        out = fill(torch.empty(shape, dtype=dtype, device=device) if out is None else out, tensors, scaling)
+    entries[key] = _Cast(stamp, out, tuple(weakref.ref(t) for t in tensors), scaling, fill)
     return out
+
+
+@contextmanager
+def casts_kept_in_capture():
+    """A CUDA graph captured inside reads the kept adapter casts (no cast launches in its replays); the casts are
+    brought up to date by refresh_casts(), which must run before every replay (gazelle.trainers.graphed)."""
+    global _KEEP_IN_CAPTURE
+    _KEEP_IN_CAPTURE = True
+    try:
+        yield
+    finally:
+        _KEEP_IN_CAPTURE = False
+
+
+@torch.no_grad()
+def refresh_casts() -> None:
+    """Writes again, in place, every kept cast whose parameters changed since it was written (an optimizer step)."""
+    for entries in list(_CASTS.values()):
+        for cast in entries.values():
+            tensors = tuple(ref() for ref in cast.refs)
+            if any(t is None for t in tensors):
+                continue
+            stamp = _stamp(tensors, cast.scaling)
+            if stamp != cast.stamp:
+                cast.fill(cast.out, tensors, cast.scaling)
+                cast.stamp = stamp
+
+
+def _fill_stacked(out: torch.Tensor, tensors: tuple[torch.Tensor, ...], scaling: float) -> torch.Tensor:
+    return torch.cat(tensors, out=out)
+
+
+def _fill_scaled(out: torch.Tensor, tensors: tuple[torch.Tensor, ...], scaling: float) -> torch.Tensor:
+    """s B scaled in float32 (or wider: the parameter's dtype promoted) and rounded once."""
+    b = tensors[0]
+    wide = b if torch.promote_types(b.dtype, out.dtype) == b.dtype else b.to(out.dtype)  # float64 x: in float64
+    return torch.mul(wide, scaling, out=out)
 
 
 def _stacked_a(ps, dtype: torch.dtype) -> torch.Tensor:
     """[A_1; ...; A_k] (R, in) in dtype, R = sum of the ranks: one cast-and-copy launch."""
     tensors = tuple(p.lora_a for p in ps)
     shape = (sum(a.shape[0] for a in tensors), tensors[0].shape[1])
-    return _cached("a", tensors, dtype, 0.0, shape, lambda out: torch.cat(tensors, out=out))
+    return _cached("a", tensors, dtype, 0.0, shape, _fill_stacked)
 
 
 def _scaled_b(p: LoraProjection, dtype: torch.dtype) -> torch.Tensor:
-    """s B (out, r) in dtype: scaled in float32 (or wider: the parameter's dtype promoted) and rounded once."""
-    b = p.lora_b
-
-    def fill(out):
-        wide = b if torch.promote_types(b.dtype, dtype) == b.dtype else b.to(dtype)  # float64 x: scaled in float64
-        return torch.mul(wide, p.scaling, out=out)
-
-    return _cached("b", (b,), dtype, p.scaling, tuple(b.shape), fill)
+    """s B (out, r) in dtype."""
+    return _cached("b", (p.lora_b,), dtype, p.scaling, tuple(p.lora_b.shape), _fill_scaled)
 
 
 def _mm_wide(a: torch.Tensor, b: torch.Tensor, alpha: float, out_dtype: torch.dtype,

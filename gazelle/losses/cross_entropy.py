@@ -60,11 +60,15 @@ def token_log_probs(
     hidden, targets = hidden.reshape(-1, hidden.shape[-1]), targets.reshape(-1)  # (N, H), (N,)
     chunk = chunk_tokens or max(1, CHUNK_BYTES // (4 * vocab_size))
     grad = torch.is_grad_enabled() and hidden.requires_grad
+    # The head may draw random numbers (an lm_head adapter's dropout); a CUDA-graph capture, which never runs a
+    # model that does, cannot read the generator's state.
+    keep_rng = not (hidden.is_cuda and torch.cuda.is_current_stream_capturing())
     parts = []
     for start in range(0, hidden.shape[0], chunk):
         h, t = hidden[start : start + chunk], targets[start : start + chunk]
         if grad:
-            parts.append(checkpoint(_chunk_log_probs, head, h, t, temperature, with_entropy, use_reentrant=False))
+            parts.append(checkpoint(_chunk_log_probs, head, h, t, temperature, with_entropy, use_reentrant=False,
+                                    preserve_rng_state=keep_rng))
         else:
             parts.append(_chunk_log_probs(head, h, t, temperature, with_entropy))
     if not parts:

@@ -302,16 +302,22 @@ class Decoder(HFStyleMixin, nn.Module):
         checkpointing = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
         # With checkpointing only each layer's input stays saved; "unsloth" mode parks it in CPU memory too.
         session = self._offloader.session() if checkpointing and self.checkpoint_offload else None
+        rng = checkpointing and self.draws_random()  # else the recomputation need not restore generator states
         for i, layer in enumerate(self.model.layers):
             cos, sin = tables[cfg.rope_for(i)]
             mask = masks[cfg.window(i)]
             if session is not None:
-                h = offloaded_checkpoint(layer, session, i, h, cos, sin, mask, cache, recompute=layer.recompute)
+                h = offloaded_checkpoint(layer, session, i, h, cos, sin, mask, cache, recompute=layer.recompute,
+                                         rng=rng)
             elif checkpointing:
-                h = checkpoint(layer, h, cos, sin, mask, cache, use_reentrant=False)
+                h = checkpoint(layer, h, cos, sin, mask, cache, use_reentrant=False, preserve_rng_state=rng)
             else:
                 h = layer(h, cos, sin, mask, cache)
         return self.model.norm(h)
+
+    def draws_random(self) -> bool:
+        """Whether a forward draws random numbers: an active dropout (LoRA dropout in training)."""
+        return any(isinstance(m, nn.Dropout) and m.p > 0 and m.training for m in self.modules())
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """lm_head (and final soft-capping) over hidden states; callers choose which positions.

@@ -91,6 +91,7 @@ class OffloadSession:
         self.offloader = offloader
         self._saved: dict[int, tuple[torch.Tensor, torch.Size, torch.device]] = {}  # layer -> (buffer, shape, device)
         self._loading: dict[int, tuple[torch.Tensor, torch.cuda.Event | None]] = {}
+        self._copying: tuple[torch.Tensor, torch.cuda.Event] | None = None  # see save, under capture
 
     def save(self, layer: int, x: torch.Tensor) -> None:
         """Start copying x out to a pinned buffer; x may be freed by its owner right after."""
@@ -100,11 +101,26 @@ class OffloadSession:
         if not x.is_cuda:
             home.copy_(x)
             return
+        compute = torch.cuda.current_stream(x.device)
         side = self.offloader.side(x.device)
-        side.wait_stream(torch.cuda.current_stream(x.device))
+        side.wait_stream(compute)
         with torch.cuda.stream(side):
             home.copy_(x, non_blocking=True)
-        x.record_stream(side)
+        if not torch.cuda.is_current_stream_capturing():
+            x.record_stream(side)
+            return
+        # Under CUDA-graph capture the allocator would hold a block marked by record_stream until the capture
+        # ends, so every layer's input would stay: instead x is kept here until compute has waited for its copy.
+        self._release(compute)
+        done = torch.cuda.Event()
+        done.record(side)
+        self._copying = (x, done)
+
+    def _release(self, compute) -> None:
+        """Compute waits for the last capture-time copy out; its input may then be freed."""
+        if self._copying is not None:
+            compute.wait_event(self._copying[1])
+            self._copying = None
 
     def prefetch(self, layer: int) -> None:
         """Start copying layer's input back to its device (no-op if under way or never saved)."""
@@ -116,6 +132,7 @@ class OffloadSession:
             self._loading[layer] = (home.clone(), None)
             return
         compute = torch.cuda.current_stream(device)
+        self._release(compute)
         x = torch.empty(shape, dtype=buf.dtype, device=device)  # allocated on compute, freed there after use
         side = self.offloader.side(device)
         side.wait_stream(compute)
@@ -148,11 +165,11 @@ class _OffloadedCheckpoint(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, run, recompute, offloader: OffloadSession, layer: int, anchor, x, *args):
+    def forward(ctx, run, recompute, offloader: OffloadSession, layer: int, rng: bool, anchor, x, *args):
         ctx.recompute, ctx.offloader, ctx.layer, ctx.args = recompute, offloader, layer, args
         ctx.x_needs_grad = x.requires_grad
-        ctx.cpu_rng = torch.get_rng_state()
-        ctx.cuda_rng = torch.cuda.get_rng_state(x.device) if x.is_cuda else None
+        ctx.cpu_rng = torch.get_rng_state() if rng else None
+        ctx.cuda_rng = torch.cuda.get_rng_state(x.device) if rng and x.is_cuda else None
         offloader.save(layer, x)
         with torch.no_grad():
             return run(x, *args)
@@ -160,23 +177,28 @@ class _OffloadedCheckpoint(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         x = ctx.offloader.load(ctx.layer).requires_grad_(ctx.x_needs_grad)
-        # The recomputation draws the same random numbers as the forward did (LoRA dropout).
-        devices = [x.device] if x.is_cuda else []
-        with torch.random.fork_rng(devices=devices):
-            torch.set_rng_state(ctx.cpu_rng)
-            if ctx.cuda_rng is not None:
-                torch.cuda.set_rng_state(ctx.cuda_rng, x.device)
+        if ctx.cpu_rng is None:
             with torch.enable_grad():
                 out = ctx.recompute(x, *ctx.args)
+        else:  # the recomputation draws the same random numbers as the forward did (LoRA dropout)
+            devices = [x.device] if x.is_cuda else []
+            with torch.random.fork_rng(devices=devices):
+                torch.set_rng_state(ctx.cpu_rng)
+                if ctx.cuda_rng is not None:
+                    torch.cuda.set_rng_state(ctx.cuda_rng, x.device)
+                with torch.enable_grad():
+                    out = ctx.recompute(x, *ctx.args)
         torch.autograd.backward(out, grad_out)
-        return (None, None, None, None, None, x.grad if ctx.x_needs_grad else None) + (None,) * len(ctx.args)
+        return (None,) * 6 + (x.grad if ctx.x_needs_grad else None,) + (None,) * len(ctx.args)
 
 
 def offloaded_checkpoint(run, offloader: OffloadSession, layer: int, x: torch.Tensor, *args,
-                         recompute=None) -> torch.Tensor:
+                         recompute=None, rng: bool = True) -> torch.Tensor:
     """run(x, *args) with x offloaded and the call recomputed in backward (see the module docstring).
 
     recompute: what backward calls instead of run, when there is a cheaper form whose output values are not
-    computed (DecoderLayer.recompute); its gradients must be run's."""
+    computed (DecoderLayer.recompute); its gradients must be run's.
+    rng: run draws random numbers (active dropout), so the recomputation restores the generators' states first.
+    Without it nothing reads the CUDA generator's state, which a CUDA-graph capture does not allow."""
     anchor = torch.empty(0, device=x.device, requires_grad=True)
-    return _OffloadedCheckpoint.apply(run, recompute or run, offloader, layer, anchor, x, *args)
+    return _OffloadedCheckpoint.apply(run, recompute or run, offloader, layer, rng, anchor, x, *args)

@@ -58,6 +58,10 @@ class TrainingArguments:
     """Accepted for compatibility; gazelle logs to the terminal and metrics.jsonl."""
     gradient_checkpointing: bool | str = False
     """True recomputes each layer in backward; "unsloth" also offloads layer inputs to CPU on a GPU."""
+    cuda_graphs: bool | None = None
+    """Replay each micro-batch's forward and backward from a CUDA graph captured per batch shape (the step's
+    kernel launches cost the host one call). None: where it applies (CUDA, a trainer whose loss is capturable,
+    no active dropout); True: an error where it cannot; False: always eager."""
     disable_tqdm: bool = False
     """Hide the progress bar."""
     dataloader_num_workers: int = 0

@@ -213,5 +213,12 @@ class SFTTrainer(Trainer):
         return cross_entropy_sum(self.model.logits, hidden[trained], batch["targets"][trained],
                                  self.model.config.vocab_size)
 
+    def graph_loss(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """loss() without selecting the trained positions (a data-dependent shape): every position goes through
+        the head and the ignored ones add 0. The same value; what a CUDA graph can replay."""
+        hidden = self.model(batch["input_ids"], attention_mask=batch["attention_mask"],
+                            position_ids=batch.get("position_ids"))
+        return cross_entropy_sum(self.model.logits, hidden, batch["targets"], self.model.config.vocab_size)
+
     def resolved_config(self) -> dict:
         return {**self.args.to_dict(), "max_seq_length": self.max_seq_length}

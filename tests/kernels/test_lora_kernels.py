@@ -146,8 +146,9 @@ def test_lora_qkv(cpu_fused, dtype, nf4, bias):
 
 
 def test_cast_adapters_follow_every_change(cpu_fused):
-    """The fused path keeps the adapters cast (and B scaled) between calls: an optimizer step, an in-place write,
-    a new scaling and a replaced parameter must each show in the next call, for stacked and single projections."""
+    """The fused path keeps the adapters cast (and B scaled) between calls: an optimizer step (a fused one too), an
+    in-place write, a new scaling and a replaced parameter must each show in the next call, for stacked and single
+    projections."""
     mods = [make_lora(HIDDEN, n, seed=s) for s, n in enumerate((OUT, 20, 20))]
     x = tokens(torch.float32)
     opt = torch.optim.AdamW(trainable(mods), lr=0.1)
@@ -165,6 +166,10 @@ def test_cast_adapters_follow_every_change(cpu_fused):
         opt.step()
         opt.zero_grad()
         check()
+    fused = torch.optim.AdamW(trainable(mods), lr=0.1, fused=True)  # writes without bumping version counters
+    sum(o.sum() for o in lora_qkv(x, *projections(*mods))).backward()
+    fused.step()
+    check()
     with torch.no_grad():
         mods[1].lora_A.weight.mul_(-1.5)
         mods[2].lora_B.weight.add_(0.25)
@@ -173,6 +178,26 @@ def test_cast_adapters_follow_every_change(cpu_fused):
     check()
     mods[2].lora_B.weight = nn.Parameter(torch.randn_like(mods[2].lora_B.weight))
     check()
+
+
+def test_refresh_casts_rewrites_stale_casts_in_place(cpu_fused):
+    """What a replayed CUDA graph reads: after an optimizer step, refresh_casts writes each kept cast again in the
+    same tensor, equal to the adapters' new values (stacked A, scaled B)."""
+    from gazelle.kernels import lora
+
+    mods = [make_lora(HIDDEN, n, seed=s) for s, n in enumerate((OUT, 20, 20))]
+    x = tokens(torch.float32)
+    opt = torch.optim.AdamW(trainable(mods), lr=0.1)
+    sum(o.sum() for o in lora_qkv(x, *projections(*mods))).backward()
+    opt.step()
+    stacked = lora._CASTS[id(mods[0].lora_A.weight)][("a", torch.float32, 3)]
+    scaled = lora._CASTS[id(mods[2].lora_B.weight)][("b", torch.float32, 1)]
+    kept = (stacked.out.data_ptr(), scaled.out.data_ptr())
+    assert not torch.equal(stacked.out, torch.cat([m.lora_A.weight for m in mods]))  # stale after the step
+    lora.refresh_casts()
+    assert (stacked.out.data_ptr(), scaled.out.data_ptr()) == kept
+    torch.testing.assert_close(stacked.out, torch.cat([m.lora_A.weight for m in mods]), atol=0, rtol=0)
+    torch.testing.assert_close(scaled.out, mods[2].lora_B.weight * mods[2].scaling, atol=0, rtol=0)
 
 
 def test_lora_qkv_unused_output(cpu_fused):
