@@ -58,11 +58,13 @@ def _loop(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, tile: int
 
 class _Tiled(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, fn, tile: int, anchor, x):
+    def forward(ctx, fn, tile: int, values: bool, rng: bool, anchor, x):
         ctx.fn, ctx.tile = fn, tile
-        ctx.cpu_rng = torch.get_rng_state()
-        ctx.cuda_rng = torch.cuda.get_rng_state(x.device) if x.is_cuda else None
+        ctx.cpu_rng = torch.get_rng_state() if rng else None
+        ctx.cuda_rng = torch.cuda.get_rng_state(x.device) if rng and x.is_cuda else None
         ctx.save_for_backward(x)
+        if not values:  # a checkpoint's recomputation: backward recomputes every tile anyway
+            return torch.empty_like(x)
         with torch.no_grad():
             return _loop(fn, x, tile)
 
@@ -70,10 +72,11 @@ class _Tiled(torch.autograd.Function):
     def backward(ctx, grad_out):
         (x,) = ctx.saved_tensors
         rows, grads = x.detach().reshape(-1, x.shape[-1]), grad_out.reshape(-1, grad_out.shape[-1])
-        grad_x = torch.empty_like(rows) if ctx.needs_input_grad[3] else None
+        grad_x = torch.empty_like(rows) if ctx.needs_input_grad[5] else None
         devices = [x.device] if x.is_cuda else []
-        with torch.random.fork_rng(devices=devices):
-            torch.set_rng_state(ctx.cpu_rng)
+        with torch.random.fork_rng(devices=devices, enabled=ctx.cpu_rng is not None):
+            if ctx.cpu_rng is not None:
+                torch.set_rng_state(ctx.cpu_rng)
             if ctx.cuda_rng is not None:
                 torch.cuda.set_rng_state(ctx.cuda_rng, x.device)
             for start in range(0, rows.shape[0], ctx.tile):
@@ -84,18 +87,24 @@ class _Tiled(torch.autograd.Function):
                     torch.autograd.backward(y, grads[start : start + ctx.tile])
                 if grad_x is not None:
                     grad_x[start : start + ctx.tile] = piece.grad
-        return None, None, None, None if grad_x is None else grad_x.view_as(x)
+        return None, None, None, None, None, None if grad_x is None else grad_x.view_as(x)
 
 
-def tiled(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, tile: int) -> torch.Tensor:
+def tiled(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, tile: int, values: bool = True,
+          rng: bool = True) -> torch.Tensor:
     """fn(x) for a position-wise fn (each token's output depends on that token alone), `tile` tokens at a time.
 
     Under autograd only x is saved and backward recomputes fn tile by tile (module docstring); without autograd
-    it is a plain loop over the tiles."""
+    it is a plain loop over the tiles.
+    values=False (under autograd, for a shape-preserving fn): the output's values are left unwritten, for a
+    checkpoint's recomputation, which only backpropagates through it: fn then runs once forward and once
+    backward per tile, as it would untiled.
+    rng: fn draws random numbers (active dropout), so backward restores the generators' states first; without it
+    nothing reads the CUDA generator's state, which a CUDA-graph capture does not allow."""
     if tile <= 0:
         raise ValueError(f"tile must be a positive number of tokens, got {tile}")
     if not torch.is_grad_enabled():
         return _loop(fn, x, tile)
     # An empty tensor that requires grad keeps the node in the graph when only fn's parameters need gradients.
     anchor = torch.empty(0, device=x.device, requires_grad=True)
-    return _Tiled.apply(fn, tile, anchor, x)
+    return _Tiled.apply(fn, tile, values, rng, anchor, x)

@@ -13,9 +13,10 @@ from tests.lora import one_thread  # noqa: F401  (an autouse fixture)
 from tests.models.test_offload import lora_model
 
 
-def grads(model, mode: str, ids, mask, tile_bytes: int | None) -> dict[str, torch.Tensor]:
+def grads(model, mode: str, ids, mask, tile_bytes: int | None, recompute_tile_bytes: int | None = None):
     for layer in model.model.layers:
         layer.mlp.tile_bytes = tile_bytes
+        layer.mlp.recompute_tile_bytes = recompute_tile_bytes
     model.gradient_checkpointing = mode != "off"
     model.checkpoint_offload = mode == "unsloth"
     model.zero_grad(set_to_none=True)
@@ -40,6 +41,28 @@ def test_tiled_mlp_gives_the_gradients_of_the_whole_sequence(family, mode, monke
     for name in whole:
         assert whole[name].abs().max() > 0, name
         torch.testing.assert_close(parts[name], whole[name], atol=1e-6, rtol=1e-5, msg=name)
+
+
+@pytest.mark.parametrize("family", ["llama", "phi3"])
+def test_tiled_recomputation_gives_the_gradients_of_the_whole_sequence(family, monkeypatch):
+    """Offloaded checkpointing's recomputation runs the MLP in tiles without computing its values (the sequence
+    is short, so only the recomputation tiles): the gradients stay those of the whole sequence at once."""
+    model = lora_model(family)
+    ids, mask = padded_batch()
+    calls = []
+    monkeypatch.setattr(tiling._Tiled, "backward", _counting(tiling._Tiled.backward, calls))
+    whole = grads(model, "unsloth", ids, mask, tile_bytes=None)
+    assert not calls
+    # 1536 bytes a token against 4608: 7 tiles, of 3 tokens, over the batch's 20
+    parts = grads(model, "unsloth", ids, mask, tile_bytes=None, recompute_tile_bytes=3 * 1536)
+    assert calls == [3] * len(model.model.layers), "every layer's recomputation ran tiled"
+    for name in whole:
+        assert whole[name].abs().max() > 0, name
+        torch.testing.assert_close(parts[name], whole[name], atol=1e-6, rtol=1e-5, msg=name)
+    calls.clear()
+    dropping = lora_model(family, dropout=0.3)  # its forward drew the dropout untiled: the recomputation must too
+    grads(dropping, "unsloth", ids, mask, tile_bytes=None, recompute_tile_bytes=3 * 1536)
+    assert not calls
 
 
 def test_tiled_mlp_replays_lora_dropout_under_offloaded_checkpointing():
