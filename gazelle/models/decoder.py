@@ -7,6 +7,8 @@ apply the lm_head through `Decoder.logits` (or chunk it inside a loss).
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -141,7 +143,7 @@ def grouped_attention(q, k, v, mask: torch.Tensor | None, scale: float, cap: flo
 
 
 MLP_TILE_BYTES = 256 * 2**20  # llama-8B shape, bf16: 3 x 14336 x 2 bytes a token, so tiles of 3,120 tokens past 12,480
-RECOMPUTE_TILE_BYTES = 128 * 2**20  # qwen-1.5B shape, 8 x 1024 tokens: 4 tiles of 2,048; llama-8B, 2 x 2048: 3 of 1,408
+LIGHT_TILE_BYTES = 128 * 2**20  # qwen-1.5B shape, 8 x 1024 tokens: 4 tiles of 2,048; llama-8B, 2 x 2048: 3 of 1,408
 
 
 class MLP(nn.Module):
@@ -160,11 +162,13 @@ class MLP(nn.Module):
         self.tile_bytes: int | None = MLP_TILE_BYTES
         """A sequence whose intermediates exceed 4 tiles runs in tiles of about this many bytes of intermediates
         (gazelle.models.tiling); None never tiles."""
-        self.recompute_tile_bytes: int | None = RECOMPUTE_TILE_BYTES
-        """A checkpoint's recomputation (output=False) whose intermediates exceed this many bytes runs in even
-        tiles (multiples of 128 tokens) of at most about this size, its values left out: one layer's backward then
-        holds one tile's gate, up and activation outputs and their gradients, not the whole sequence's. Not with
-        active dropout (the forward drew it untiled). None never tiles the recomputation."""
+        self.light_tile_bytes: int | None = LIGHT_TILE_BYTES
+        """Where tiles cost no extra work, intermediates of more than this many bytes are formed in even tiles
+        (multiples of 128 tokens) of at most about this size: a forward without autograd (a checkpoint's forward,
+        evaluation) and a checkpoint's recomputation (output=False, its values left out; backward forms each tile
+        again, once, as it would untiled). A layer's forward and backward then hold one tile's gate, up and
+        activation outputs (and their gradients), not the whole sequence's. Not with active dropout, whose draws
+        would follow the tiles. None: never."""
 
     def forward(self, x: torch.Tensor, output: bool = True) -> torch.Tensor:
         """output=False: only gradients will flow back through the result (a checkpoint's recomputation), so
@@ -174,17 +178,19 @@ class MLP(nn.Module):
         tokens, forced = x.shape[:-1].numel(), forced_tile()
         if forced is not None and tokens > forced:
             return tiled(self.block, x, forced, rng=self.draws_random())
+        block = self.block if output else functools.partial(self.block, output=False)
         per_token = 3 * self.intermediate_size * x.element_size()
         if self.tile_bytes:
             tile = max(1, self.tile_bytes // per_token)
             if tokens > 4 * tile:
-                return tiled(self.block, x, tile, values=output, rng=self.draws_random())
-        if (not output and self.recompute_tile_bytes and tokens * per_token > self.recompute_tile_bytes
+                return tiled(block, x, tile, values=output, rng=self.draws_random())
+        light = self.light_tile_bytes
+        if (light and tokens * per_token > light and (not output or not torch.is_grad_enabled())
                 and not self.draws_random()):
-            tiles = -(-tokens * per_token // self.recompute_tile_bytes)
+            tiles = -(-tokens * per_token // light)
             tile = -(-tokens // tiles)
             tile = -(-tile // 128) * 128 if tile > 128 else tile  # whole multiples of 128 rows for the GEMMs
-            return tiled(self.block, x, tile, values=False, rng=False)
+            return tiled(block, x, tile, values=output, rng=False)
         return self.block(x, output)
 
     def draws_random(self) -> bool:

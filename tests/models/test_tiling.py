@@ -13,10 +13,10 @@ from tests.lora import one_thread  # noqa: F401  (an autouse fixture)
 from tests.models.test_offload import lora_model
 
 
-def grads(model, mode: str, ids, mask, tile_bytes: int | None, recompute_tile_bytes: int | None = None):
+def grads(model, mode: str, ids, mask, tile_bytes: int | None, light_tile_bytes: int | None = None):
     for layer in model.model.layers:
         layer.mlp.tile_bytes = tile_bytes
-        layer.mlp.recompute_tile_bytes = recompute_tile_bytes
+        layer.mlp.light_tile_bytes = light_tile_bytes
     model.gradient_checkpointing = mode != "off"
     model.checkpoint_offload = mode == "unsloth"
     model.zero_grad(set_to_none=True)
@@ -45,8 +45,8 @@ def test_tiled_mlp_gives_the_gradients_of_the_whole_sequence(family, mode, monke
 
 @pytest.mark.parametrize("family", ["llama", "phi3"])
 def test_tiled_recomputation_gives_the_gradients_of_the_whole_sequence(family, monkeypatch):
-    """Offloaded checkpointing's recomputation runs the MLP in tiles without computing its values (the sequence
-    is short, so only the recomputation tiles): the gradients stay those of the whole sequence at once."""
+    """Offloaded checkpointing's forward (no autograd) and recomputation (its values left out) run the MLP in
+    tiles: the gradients stay those of the whole sequence at once."""
     model = lora_model(family)
     ids, mask = padded_batch()
     calls = []
@@ -54,14 +54,14 @@ def test_tiled_recomputation_gives_the_gradients_of_the_whole_sequence(family, m
     whole = grads(model, "unsloth", ids, mask, tile_bytes=None)
     assert not calls
     # 1536 bytes a token against 4608: 7 tiles, of 3 tokens, over the batch's 20
-    parts = grads(model, "unsloth", ids, mask, tile_bytes=None, recompute_tile_bytes=3 * 1536)
+    parts = grads(model, "unsloth", ids, mask, tile_bytes=None, light_tile_bytes=3 * 1536)
     assert calls == [3] * len(model.model.layers), "every layer's recomputation ran tiled"
     for name in whole:
         assert whole[name].abs().max() > 0, name
         torch.testing.assert_close(parts[name], whole[name], atol=1e-6, rtol=1e-5, msg=name)
     calls.clear()
     dropping = lora_model(family, dropout=0.3)  # its forward drew the dropout untiled: the recomputation must too
-    grads(dropping, "unsloth", ids, mask, tile_bytes=None, recompute_tile_bytes=3 * 1536)
+    grads(dropping, "unsloth", ids, mask, tile_bytes=None, light_tile_bytes=3 * 1536)
     assert not calls
 
 
