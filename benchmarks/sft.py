@@ -9,7 +9,8 @@ From the repository root on the device machine, with ../shared/bench copied to .
 
 SPEC = impl:shape:BATCHxSEQ[:4bit][:ckpt=off|on|unsloth][:graphs=off][:profile][:memory] (profile: gazelle only,
 one extra step's top CUDA ops; memory: gazelle only, what was allocated at the peak, by site, its timings slowed by
-the recording; graphs=off: gazelle's micro-batch eager, not replayed from a CUDA graph). Each runs in a
+the recording; graphs=off: gazelle's micro-batch eager, not replayed from a CUDA graph; embed=gpu: gazelle's
+embedding table and head stay on the GPU, not in host memory). Each runs in a
 process of its own, so each peak is its own. Both libraries load the random weights ../shared/bench/hf_baseline.py
 saves (/tmp/hf_baseline_SHAPE; built here the same way if missing), train LoRA r=32 alpha=32 dropout 0 on
 q,k,v,o,gate,up,down with AdamW lr 1e-4 (weight decay 0.01) on the same tokens (torch.manual_seed(0);
@@ -54,7 +55,8 @@ def parse(spec: str) -> dict:
         raise SystemExit(f"bad SPEC {spec!r}: impl gazelle|hf, shape one of {sorted(SHAPES)}")
     ckpt = next((f.split("=", 1)[1] for f in flags if f.startswith("ckpt=")), "unsloth")
     return dict(impl=impl, shape=shape, batch=batch, seq=seq, q4="4bit" in flags, ckpt=ckpt, spec=spec,
-                profile="profile" in flags, graphs="graphs=off" not in flags, memory="memory" in flags)
+                profile="profile" in flags, graphs="graphs=off" not in flags, memory="memory" in flags,
+                host="embed=gpu" not in flags)
 
 
 def model_dir(shape: str) -> str:
@@ -89,8 +91,9 @@ class GazelleStep:
     micro-batch replayed from a CUDA graph after two eager warm-ups (graphs=off: always eager), the trainer's
     optimizer (fused AdamW on CUDA; weight decay 0.01 as torch's AdamW default, which the HF side uses)."""
 
-    def __init__(self, model, graphs: bool = True):
+    def __init__(self, model, graphs: bool = True, host_embeddings: bool = True):
         from gazelle.losses.cross_entropy import cross_entropy_sum
+        from gazelle.models.host_embeddings import HostEmbeddings
         from gazelle.trainers.config import TrainingArguments
         from gazelle.trainers.graphed import GraphedStep
         from gazelle.trainers.loop import make_optimizer
@@ -98,8 +101,13 @@ class GazelleStep:
         self.model = model
         self.optimizer = make_optimizer(model, TrainingArguments(learning_rate=1e-4, weight_decay=0.01))
 
+        self.host = None
+        if host_embeddings:  # as the trainer: the embedding table and head in host memory while training
+            self.host = HostEmbeddings(model)
+            self.host.enable()
+
         def loss(batch):
-            hidden = model(batch["input_ids"])
+            hidden = model(batch["input_ids"], inputs_embeds=batch.get("inputs_embeds"))
             return cross_entropy_sum(model.logits, hidden, batch["targets"], model.config.vocab_size)
 
         self.loss = loss
@@ -110,11 +118,13 @@ class GazelleStep:
         targets = torch.cat([ids[:, 1:], torch.full_like(ids[:, :1], -100)], dim=1)
         tokens = targets.shape[0] * (targets.shape[1] - 1)
         batch = {"input_ids": ids, "targets": targets}
+        if self.host is not None:
+            batch = self.host.inputs(batch)
         if self.runner is not None:
             loss_sum, _ = self.runner(batch, 1.0 / tokens)
             loss = loss_sum / tokens  # a new tensor: the graph's output is overwritten by the next replay
         else:
-            loss_sum, _ = self.loss(batch)
+            loss_sum, _ = self.loss({k: v.to("cuda", non_blocking=True) for k, v in batch.items()})
             loss = loss_sum / tokens
             loss.backward()
         self.optimizer.step()
@@ -126,9 +136,9 @@ def run_gazelle(case: dict) -> dict:
     if case["memory"]:
         torch.cuda.memory._record_memory_history(max_entries=3_000_000)
     model = gazelle_model(case["shape"], case["q4"], case["ckpt"]).train()
-    step_fn = GazelleStep(model, graphs=case["graphs"])
+    step_fn = GazelleStep(model, graphs=case["graphs"], host_embeddings=case["host"])
     torch.manual_seed(0)
-    ids = torch.randint(0, 150000, (case["batch"], case["seq"]), device="cuda")
+    ids = torch.randint(0, 150000, (case["batch"], case["seq"]), device="cuda").cpu()  # batches come from the host
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     times, losses = [], []
@@ -248,7 +258,7 @@ def longest(lengths: list[int]) -> None:
     step_fn = GazelleStep(model, graphs=False)  # one step per length: nothing to replay
     for length in lengths:
         torch.manual_seed(0)
-        ids = torch.randint(0, 150000, (1, length), device="cuda")
+        ids = torch.randint(0, 150000, (1, length), device="cuda").cpu()
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
         start = time.perf_counter()

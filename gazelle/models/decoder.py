@@ -267,6 +267,7 @@ class Decoder(HFStyleMixin, nn.Module):
         self.checkpoint_offload = False
         """With gradient checkpointing, keep the saved layer inputs in CPU memory ("unsloth" mode)."""
         self._offloader = ActivationOffloader()
+        self._host_embeddings = None  # a HostEmbeddings while the tables live in host memory (training)
         self.name_or_path: str | None = None
         """Where the weights came from: recorded in saved adapters as their base model."""
         self.lora_config = None
@@ -291,6 +292,7 @@ class Decoder(HFStyleMixin, nn.Module):
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
         cache=None,
+        inputs_embeds: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Final hidden states (B, T, hidden) for input_ids (B, T).
 
@@ -298,6 +300,8 @@ class Decoder(HFStyleMixin, nn.Module):
         position_ids: (B, T); defaults to counting the unpadded tokens. Given without a cache, a reset to
             0 inside a row starts a new document: packed documents never attend to each other.
         cache: a KV cache with `length` and `update(layer, k, v)`; it grows by T.
+        inputs_embeds: (B, T, hidden), the embedding rows of input_ids when looked up already (HostEmbeddings);
+            the embedding scale still applies.
         """
         cfg = self.config
         B, T = input_ids.shape
@@ -312,13 +316,20 @@ class Decoder(HFStyleMixin, nn.Module):
             w: build_mask(T, past, attention_mask, position_ids if documents else None, w, input_ids.device)
             for w in {cfg.window(i) for i in range(cfg.num_layers)}
         }
-        return self.run_layers(input_ids, position_ids, masks, cache)
+        return self.run_layers(input_ids, position_ids, masks, cache, inputs_embeds)
 
-    def run_layers(self, input_ids: torch.Tensor, position_ids: torch.Tensor, masks: dict, cache=None) -> torch.Tensor:
+    def run_layers(self, input_ids: torch.Tensor, position_ids: torch.Tensor, masks: dict, cache=None,
+                   inputs_embeds: torch.Tensor | None = None) -> torch.Tensor:
         """Hidden states given positions (B, T) and, per sliding window (None = global), the attention mask
         (B, 1, T, S) bool or None for plain causal; the generation engine supplies its own masks here."""
         cfg = self.config
-        h = self.model.embed_tokens(input_ids)
+        host = self._host_embeddings
+        if inputs_embeds is not None:
+            h = inputs_embeds
+        else:
+            h = self.model.embed_tokens(input_ids) if host is None else host.embed(input_ids)
+        if host is not None and self.training and torch.is_grad_enabled():
+            host.prefetch_head()  # a loss will follow: the head's copy runs under the layers
         if cfg.embed_scale != 1.0:
             h = h * torch.tensor(cfg.embed_scale, dtype=h.dtype)
         tables = {rope: table(position_ids, h.dtype) for rope, table in self._rotary.items()}
@@ -348,6 +359,8 @@ class Decoder(HFStyleMixin, nn.Module):
         A decode step's few rows go through grouped()'s one-weight kernel: benchmarks/multi_linear.py (H100) timed
         the 151,936-row head at 420 us against cuBLAS's 446 (llama-8B, 32 rows) and 168 against 178 (qwen-1.5B,
         64 rows). The o and down projections stay with cuBLAS, which was as fast or faster there."""
+        if self._host_embeddings is not None:
+            return softcap(F.linear(hidden, self._host_embeddings.head()), self.config.final_softcap)
         logits = grouped(hidden, (self.lm_head,))
         return softcap(self.lm_head(hidden) if logits is None else logits, self.config.final_softcap)
 
@@ -357,7 +370,8 @@ class Decoder(HFStyleMixin, nn.Module):
         head = self.lm_head
         if type(head) is not nn.Linear or head.bias is not None:
             return None
-        return head.weight, self.config.final_softcap
+        weight = head.weight if self._host_embeddings is None else self._host_embeddings.head()
+        return weight, self.config.final_softcap
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in {id(p): p for p in self.parameters()}.values())

@@ -30,7 +30,9 @@ _LIVE = object()  # fast_generate's default lora_request: the adapters as they a
 class HFStyleMixin:
     @property
     def device(self) -> torch.device:
-        return next(self.parameters()).device
+        """Where the model computes (its embedding tables may sit in host memory meanwhile: HostEmbeddings)."""
+        host = getattr(self, "_host_embeddings", None)
+        return host.device if host is not None else next(self.parameters()).device
 
     @property
     def dtype(self) -> torch.dtype:

@@ -62,6 +62,10 @@ class TrainingArguments:
     """Replay each micro-batch's forward and backward from a CUDA graph captured per batch shape (the step's
     kernel launches cost the host one call). None: where it applies (CUDA, a trainer whose loss is capturable,
     no active dropout); True: an error where it cannot; False: always eager."""
+    offload_embeddings: bool | None = None
+    """Keep the frozen embedding table and lm_head in pinned host memory while training (rows looked up on the
+    host, the head copied in under each forward; gazelle.models.host_embeddings). None: where it applies (SFT on
+    CUDA, both frozen, a plain linear head); True: an error where it cannot; False: never."""
     disable_tqdm: bool = False
     """Hide the progress bar."""
     dataloader_num_workers: int = 0

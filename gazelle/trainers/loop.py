@@ -18,6 +18,7 @@ from typing import NamedTuple
 import torch
 
 from gazelle.errors import GazelleError
+from gazelle.models.host_embeddings import HostEmbeddings, why_not
 from gazelle.trainers.checkpoint import (
     list_checkpoints,
     load_checkpoint,
@@ -201,38 +202,44 @@ class Trainer:
         self._graphed = self._graphed_step(optimizer)
         stream = self._micro_batches(*position)
         window = {"loss": 0.0, "tokens": 0, "seen": 0, "steps": 0, "time": time.perf_counter()}
-        with progress(total, self.global_step, disable=args.disable_tqdm) as bar:
-            while self.global_step < total:
-                for cb in self.callbacks:
-                    getattr(cb, "on_step_begin", lambda t: None)(self)
-                micro = [next(stream) for _ in range(args.gradient_accumulation_steps)]
-                loss_sum, tokens, grad_norm = self._step(optimizer, [b for _, _, b in micro])
-                seen = sum(int(b["attention_mask"].sum()) for _, _, b in micro)
-                if not math.isfinite(loss_sum):
-                    path = self._checkpoint(optimizer, scheduler, (micro[0][0], micro[0][1]))
-                    raise GazelleError(
-                        f"the loss became {loss_sum} at step {self.global_step + 1}; the state before it is saved in "
-                        f"{path}; lower learning_rate or check the data"
-                    )
-                lr = scheduler.get_last_lr()[0]  # the rate this step used
-                scheduler.step()
-                self.global_step += 1
-                epoch, index, _ = micro[-1]
-                position = (epoch, index + 1)
-                window["loss"] += loss_sum
-                window["tokens"] += tokens
-                window["seen"] += seen
-                window["steps"] += 1
-                bar.advance(loss=loss_sum / max(tokens, 1))
-                if self.global_step % args.logging_steps == 0 or self.global_step == total:
-                    self._log(window, lr, grad_norm, epoch, metrics_path)
-                    window = {"loss": 0.0, "tokens": 0, "seen": 0, "steps": 0, "time": time.perf_counter()}
-                if args.eval_strategy == "steps" and self.global_step % (args.eval_steps or args.logging_steps) == 0:
-                    self._log_eval(metrics_path)
-                if args.save_strategy == "steps" and self.global_step % args.save_steps == 0:
-                    self._checkpoint(optimizer, scheduler, position)
-                for cb in self.callbacks:
-                    getattr(cb, "on_step_end", lambda t: None)(self)
+        host = self._host_embeddings()
+        try:
+            with progress(total, self.global_step, disable=args.disable_tqdm) as bar:
+                while self.global_step < total:
+                    for cb in self.callbacks:
+                        getattr(cb, "on_step_begin", lambda t: None)(self)
+                    micro = [next(stream) for _ in range(args.gradient_accumulation_steps)]
+                    loss_sum, tokens, grad_norm = self._step(optimizer, [b for _, _, b in micro])
+                    seen = sum(int(b["attention_mask"].sum()) for _, _, b in micro)
+                    if not math.isfinite(loss_sum):
+                        path = self._checkpoint(optimizer, scheduler, (micro[0][0], micro[0][1]))
+                        raise GazelleError(
+                            f"the loss became {loss_sum} at step {self.global_step + 1}; the state before it is saved in "
+                            f"{path}; lower learning_rate or check the data"
+                        )
+                    lr = scheduler.get_last_lr()[0]  # the rate this step used
+                    scheduler.step()
+                    self.global_step += 1
+                    epoch, index, _ = micro[-1]
+                    position = (epoch, index + 1)
+                    window["loss"] += loss_sum
+                    window["tokens"] += tokens
+                    window["seen"] += seen
+                    window["steps"] += 1
+                    bar.advance(loss=loss_sum / max(tokens, 1))
+                    if self.global_step % args.logging_steps == 0 or self.global_step == total:
+                        self._log(window, lr, grad_norm, epoch, metrics_path)
+                        window = {"loss": 0.0, "tokens": 0, "seen": 0, "steps": 0, "time": time.perf_counter()}
+                    if args.eval_strategy == "steps" and self.global_step % (args.eval_steps or args.logging_steps) == 0:
+                        self._log_eval(metrics_path)
+                    if args.save_strategy == "steps" and self.global_step % args.save_steps == 0:
+                        self._checkpoint(optimizer, scheduler, position)
+                    for cb in self.callbacks:
+                        getattr(cb, "on_step_end", lambda t: None)(self)
+        finally:
+            self._graphed = None  # its graphs' memory pool goes with it
+            if host is not None:
+                host.disable()  # the tables go back to the device: inference afterwards sees the model as it was
         if args.save_strategy != "no":
             self._checkpoint(optimizer, scheduler, position)
         if args.eval_strategy == "end":
@@ -245,12 +252,30 @@ class Trainer:
                    "train_loss": mean_loss, **(self.metrics[-1] if self.metrics else {})}
         return TrainOutput(self.global_step, mean_loss, metrics)
 
+    supports_host_embeddings = False
+    """Whether the subclass's batches (input_ids) and loss take inputs_embeds looked up on the host
+    (gazelle.models.host_embeddings)."""
+
+    def _host_embeddings(self) -> HostEmbeddings | None:
+        """The embedding table and head moved to host memory, when args.offload_embeddings allows and it applies."""
+        wanted = self.args.offload_embeddings
+        if wanted is False or (wanted is None and not self.supports_host_embeddings):
+            return None
+        why = "the trainer does not support it" if not self.supports_host_embeddings else why_not(self.model)
+        if why is not None:
+            if wanted:
+                raise GazelleError(f"offload_embeddings=True cannot apply: {why}; leave it unset")
+            return None
+        host = HostEmbeddings(self.model)
+        host.enable()
+        return host
+
     def _graphed_step(self, optimizer) -> GraphedStep | None:
         """The CUDA-graph runner of the micro-batches when args.cuda_graphs allows and the setting supports it."""
         wanted = self.args.cuda_graphs
         if wanted is False or (wanted is None and self.graph_loss is None):
             return None
-        device = next(self.model.parameters()).device
+        device = self.model.device
         draws_random = getattr(self.model, "draws_random", lambda: False)()
         why = ("the trainer's loss is not capturable" if self.graph_loss is None else
                f"the model is on {device.type}, not CUDA" if device.type != "cuda" else
@@ -265,16 +290,19 @@ class Trainer:
 
     def _step(self, optimizer, batches: list[dict]) -> tuple[float, int, float]:
         """One optimizer step over the micro-batches; returns (loss sum, normalizer, grad norm)."""
-        device = next(self.model.parameters()).device
+        device = self.model.device
         tokens = self.step_normalizer(batches)
         graphed = self._graphed
+        host = self.model._host_embeddings if hasattr(self.model, "_host_embeddings") else None
         total = 0.0
         for batch in batches:
+            if host is not None:
+                batch = host.inputs(batch)  # the embedding rows, gathered on the host
             try:
                 if graphed is not None:  # copies the batch to the device itself
                     loss_sum, _ = graphed(batch, 1.0 / tokens)
                 else:
-                    batch = {k: v.to(device) for k, v in batch.items()}
+                    batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
                     loss_sum, _ = self.loss(batch)
                     (loss_sum / tokens).backward()
             except torch.OutOfMemoryError:

@@ -62,6 +62,8 @@ def _rows(dataset) -> list[dict]:
 
 
 class SFTTrainer(Trainer):
+    supports_host_embeddings = True
+
     def __init__(
         self,
         model,
@@ -194,7 +196,7 @@ class SFTTrainer(Trainer):
         if self.eval_rows is None:
             return {}
         self.model.eval()
-        device = next(self.model.parameters()).device
+        device = self.model.device
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         examples, total, tokens = self.tokenize(self.eval_rows), 0.0, 0
         size = self.args.per_device_train_batch_size
@@ -207,7 +209,7 @@ class SFTTrainer(Trainer):
     # -- loss ---------------------------------------------------------------------------------
     def loss(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
         hidden = self.model(batch["input_ids"], attention_mask=batch["attention_mask"],
-                            position_ids=batch.get("position_ids"))
+                            position_ids=batch.get("position_ids"), inputs_embeds=batch.get("inputs_embeds"))
         trained = batch["targets"] != IGNORE_INDEX
         # Only positions with a target go through the lm_head.
         return cross_entropy_sum(self.model.logits, hidden[trained], batch["targets"][trained],
@@ -217,7 +219,7 @@ class SFTTrainer(Trainer):
         """loss() without selecting the trained positions (a data-dependent shape): every position goes through
         the head and the ignored ones add 0. The same value; what a CUDA graph can replay."""
         hidden = self.model(batch["input_ids"], attention_mask=batch["attention_mask"],
-                            position_ids=batch.get("position_ids"))
+                            position_ids=batch.get("position_ids"), inputs_embeds=batch.get("inputs_embeds"))
         return cross_entropy_sum(self.model.logits, hidden, batch["targets"], self.model.config.vocab_size)
 
     def resolved_config(self) -> dict:

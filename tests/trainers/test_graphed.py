@@ -12,6 +12,7 @@ from gazelle.kernels import dispatch
 from gazelle.lora import LoraConfig, lora_parameters
 from gazelle.lora.inject import inject_lora
 from gazelle.losses.cross_entropy import cross_entropy_sum
+from gazelle.models.host_embeddings import HostEmbeddings
 from gazelle.quant import quantize_model
 from gazelle.trainers.graphed import GraphedStep
 from tests.kernels.check import needs_gpu
@@ -42,7 +43,7 @@ def batch(rows: int, length: int, seed: int) -> dict[str, torch.Tensor]:
 
 def sft_loss(model):
     def loss(b):
-        hidden = model(b["input_ids"], attention_mask=b["attention_mask"])
+        hidden = model(b["input_ids"], attention_mask=b["attention_mask"], inputs_embeds=b.get("inputs_embeds"))
         return cross_entropy_sum(model.logits, hidden, b["targets"], model.config.vocab_size)
     return loss
 
@@ -52,14 +53,20 @@ def sft_loss(model):
 STEPS = [[(2, 10, 0), (2, 10, 1)], [(2, 10, 2), (3, 7, 3)], [(3, 7, 4), (2, 10, 5)], [(3, 7, 6), (2, 10, 7)]]
 
 
-def train(model, graphed: bool) -> tuple[list[float], list[torch.Tensor], GraphedStep]:
+def train(model, graphed: bool, host: bool = False) -> tuple[list[float], list[torch.Tensor], GraphedStep]:
+    """host: the embedding table and head in host memory (HostEmbeddings), as the trainer keeps them."""
     params = list(lora_parameters(model))
+    tables = HostEmbeddings(model) if host else None
+    if tables is not None:
+        tables.enable()
     device = params[0].device
     opt = torch.optim.AdamW(params, lr=1e-2, fused=True)  # fused: writes without bumping version counters
     runner = GraphedStep(sft_loss(model), params, warmup=1)
     losses = []
     for i, step in enumerate(STEPS):
         batches = [batch(*spec) for spec in step]
+        if tables is not None:
+            batches = [tables.inputs(b) for b in batches]
         tokens = sum(int((b["targets"] != -100).sum()) for b in batches)
         for b in batches:
             if graphed:
@@ -70,6 +77,8 @@ def train(model, graphed: bool) -> tuple[list[float], list[torch.Tensor], Graphe
             losses.append(float(loss_sum))
         opt.step()
         opt.zero_grad(set_to_none=not graphed or i == 1)  # after step 2 the runner finds the grads gone
+    if tables is not None:
+        tables.disable()
     return losses, [p.detach().clone() for p in params], runner
 
 
@@ -81,12 +90,18 @@ def reference_losses(family: str, device: str, nf4: bool, ckpt: str, monkeypatch
 
 
 @needs_gpu
-@pytest.mark.parametrize("family, nf4, ckpt", [("llama", False, "unsloth"), ("qwen2", False, "unsloth"),
-                                              ("llama", False, "off"), ("llama", True, "unsloth")])
-def test_graphed_training_equals_eager_training(family, nf4, ckpt, monkeypatch):
+@pytest.mark.parametrize("family, nf4, ckpt, host", [
+    ("llama", False, "unsloth", False), ("qwen2", False, "unsloth", False), ("llama", False, "off", False),
+    ("llama", True, "unsloth", False), ("llama", False, "unsloth", True), ("qwen2", True, "unsloth", True)])
+def test_graphed_training_equals_eager_training(family, nf4, ckpt, host, monkeypatch):
+    """host: the graphed run keeps the embedding table and head in host memory (qwen2's tiny model ties them)."""
     expected = reference_losses(family, "cuda", nf4, ckpt, monkeypatch)
     eager_losses, eager_params, _ = train(lora_model(family, "cuda", nf4, ckpt), graphed=False)
-    losses, params, runner = train(lora_model(family, "cuda", nf4, ckpt), graphed=True)
+    model = lora_model(family, "cuda", nf4, ckpt)
+    table = model.model.embed_tokens.weight.detach().clone()
+    losses, params, runner = train(model, graphed=True, host=host)
+    assert model.model.embed_tokens.weight.is_cuda and torch.equal(model.model.embed_tokens.weight, table)
+    assert model.lm_head.weight.is_cuda
     assert runner.failure is None
     assert runner.captured == 2 and runner.replays == 6  # 8 micro-batches: 2 eager warm-ups, 6 from graphs
     torch.testing.assert_close(torch.tensor(losses), torch.tensor(expected), atol=0, rtol=1e-4)
@@ -123,3 +138,42 @@ def test_cuda_graphs_true_without_a_gpu_is_an_error(tmp_path):
     _, dropping = model_pair("llama")
     inject_lora(dropping, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", lora_dropout=0.1))
     assert dropping.train().draws_random() and not dropping.eval().draws_random()
+
+
+@needs_gpu
+def test_sft_trainer_on_the_gpu_graphs_and_host_embeddings_change_nothing(tmp_path):
+    """SFTTrainer as users run it on a GPU (CUDA graphs and host embeddings by default) logs the losses of the
+    same training with both off, and hands the model back with its tables on the device."""
+    from gazelle.trainers.sft import SFTConfig, SFTTrainer
+    from tests.trainers.helpers import text_rows, word_tokenizer
+
+    runs = {}
+    for on in (True, False):
+        model = lora_model("llama", "cuda")
+        args = SFTConfig(output_dir=str(tmp_path / str(on)), max_steps=6, per_device_train_batch_size=2,
+                         packing=True, max_seq_length=16, learning_rate=1e-2, save_strategy="no", seed=0,
+                         cuda_graphs=None if on else False, offload_embeddings=None if on else False)
+        trainer = SFTTrainer(model, word_tokenizer(), text_rows(40), args)
+        graphed = []
+        trainer._graphed_step = lambda opt, make=trainer._graphed_step: graphed.append(make(opt)) or graphed[-1]
+        trainer.train()
+        runs[on] = [m["loss"] for m in trainer.metrics]
+        if on:
+            assert graphed[0] is not None and graphed[0].replays > 0
+            assert model.model.embed_tokens.weight.is_cuda and model._host_embeddings is None
+    assert runs[True] == pytest.approx(runs[False], rel=1e-4)
+
+
+def test_offload_embeddings_true_without_a_gpu_is_an_error(tmp_path):
+    from gazelle.models.host_embeddings import why_not
+    from gazelle.trainers.sft import SFTConfig, SFTTrainer
+    from tests.trainers.helpers import text_rows, word_tokenizer
+
+    model = lora_model("llama", "cpu")
+    assert why_not(model) == "the model is on cpu, not CUDA"
+    trainer = SFTTrainer(model, word_tokenizer(), text_rows(4), SFTConfig(
+        output_dir=str(tmp_path), max_steps=1, offload_embeddings=True, save_strategy="no"))
+    with pytest.raises(GazelleError, match="offload_embeddings=True cannot apply: the model is on cpu"):
+        trainer.train()
+    model.model.embed_tokens.weight.requires_grad_(True)
+    assert why_not(model) == "the embedding or the head is trained"
