@@ -19,9 +19,10 @@ def shifted_targets(labels: Sequence[int]) -> list[int]:
     return list(labels[1:]) + [IGNORE_INDEX]
 
 
-def pad_batch(examples: Sequence[dict], pad_token_id: int) -> dict[str, torch.Tensor]:
-    """Right-padded batch: input_ids, attention_mask, targets, all (B, T) with T the longest example."""
-    T = max(len(e["input_ids"]) for e in examples)
+def pad_batch(examples: Sequence[dict], pad_token_id: int, length: int = 0) -> dict[str, torch.Tensor]:
+    """Right-padded batch: input_ids, attention_mask, targets, all (B, T) with T the longest example (or `length`
+    when longer: a few fixed shapes for CUDA graphs)."""
+    T = max(length, *(len(e["input_ids"]) for e in examples))
     ids = torch.full((len(examples), T), pad_token_id, dtype=torch.long)
     mask = torch.zeros((len(examples), T), dtype=torch.long)
     targets = torch.full((len(examples), T), IGNORE_INDEX, dtype=torch.long)
@@ -53,9 +54,10 @@ def pack_examples(examples: Sequence[dict], max_length: int) -> list[dict]:
     return rows
 
 
-def packed_batch(rows: Sequence[dict], pad_token_id: int) -> dict[str, torch.Tensor]:
-    """Packed rows -> (B, T) tensors; padding at the end of a row is masked and trains nothing."""
-    T = max(len(r["input_ids"]) for r in rows)
+def packed_batch(rows: Sequence[dict], pad_token_id: int, length: int = 0) -> dict[str, torch.Tensor]:
+    """Packed rows -> (B, T) tensors, T the longest row or `length`; padding at the end of a row is masked and
+    trains nothing."""
+    T = max(length, *(len(r["input_ids"]) for r in rows))
     out = {
         "input_ids": torch.full((len(rows), T), pad_token_id, dtype=torch.long),
         "attention_mask": torch.zeros((len(rows), T), dtype=torch.long),

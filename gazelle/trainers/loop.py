@@ -281,7 +281,8 @@ class Trainer:
                f"the model is on {device.type}, not CUDA" if device.type != "cuda" else
                "the model draws random numbers in training (lora_dropout > 0)" if draws_random else None)
         if why is None:
-            return GraphedStep(self.graph_loss, [p for g in optimizer.param_groups for p in g["params"]])
+            # max_graphs: SFT pads its batches to at most 8 lengths (SFTTrainer._padded_length)
+            return GraphedStep(self.graph_loss, [p for g in optimizer.param_groups for p in g["params"]], max_graphs=8)
         if wanted:
             raise GazelleError(f"cuda_graphs=True cannot apply: {why}; leave cuda_graphs unset to run eagerly")
         if device.type == "cuda":

@@ -188,7 +188,20 @@ class SFTTrainer(Trainer):
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         for first in range(start * size, len(examples), size):
             chosen = [examples[i] for i in order[first : first + size].tolist()]
-            yield packed_batch(chosen, pad) if self.args.packing else pad_batch(chosen, pad)
+            length = self._padded_length(chosen)
+            yield packed_batch(chosen, pad, length) if self.args.packing else pad_batch(chosen, pad, length)
+
+    def _padded_length(self, chosen: list[dict]) -> int:
+        """With CUDA graphs, batches padded to a few lengths, so each shape is captured once and replayed: packed
+        rows to max_seq_length, others up to a multiple of an eighth of it (rounded to 64 tokens). Padding is
+        masked and trains nothing; without graphs, the longest row."""
+        if self._graphed is None:
+            return 0
+        if self.args.packing:
+            return self.max_seq_length
+        step = min(self.max_seq_length, -(-self.max_seq_length // 8 // 64) * 64 or 64)
+        longest = max(len(e["input_ids"]) for e in chosen)
+        return min(-(-longest // step) * step, max(self.max_seq_length, longest))
 
     @torch.no_grad()
     def evaluate(self) -> dict:
