@@ -10,14 +10,15 @@ From the repository root on the device machine, with ../shared/bench copied to .
 SPEC = impl:shape:BATCHxSEQ[:4bit][:ckpt=off|on|unsloth][:graphs=off][:profile][:memory] (profile: gazelle only,
 one extra step's top CUDA ops; memory: gazelle only, what was allocated at the peak, by site, its timings slowed by
 the recording; graphs=off: gazelle's micro-batch eager, not replayed from a CUDA graph; embed=gpu: gazelle's
-embedding table and head stay on the GPU, not in host memory). Each runs in a
+embedding table and head stay on the GPU, not in host memory; tiles=off: no light MLP tiles (MLP.light_tile_bytes);
+chunk=MB: the linear cross-entropy's logits chunk). Each runs in a
 process of its own, so each peak is its own. Both libraries load the random weights ../shared/bench/hf_baseline.py
 saves (/tmp/hf_baseline_SHAPE; built here the same way if missing), train LoRA r=32 alpha=32 dropout 0 on
 q,k,v,o,gate,up,down with AdamW lr 1e-4 (weight decay 0.01) on the same tokens (torch.manual_seed(0);
 randint(0, 150000, (B, S)) on cuda, labels = the ids). HF: six steps, the step time the median of steps 3-6
 (hf_baseline.py). gazelle: seven steps (two eager warm-ups, the capture, four replays), the median of steps 4-7.
-peak = torch.cuda.max_memory_allocated (gazelle also prints max_memory_reserved); the loss printed is the last
-step's (and the first step's for gazelle: the adapters start at zero, so it is the base model's loss). gazelle
+peak = torch.cuda.max_memory_allocated (gazelle also prints max_memory_reserved); the loss printed is step 6's,
+HF's last (gazelle also prints its first, the base model's loss as the adapters start at zero, and its last). gazelle
 trains as its SFTTrainer does (GazelleStep), with the checkpointing mode get_peft_model defaults to ("unsloth":
 layer inputs offloaded to CPU) unless ckpt= says.
 
@@ -46,6 +47,7 @@ from shapes import LORA_TARGETS, SHAPES  # noqa: E402 (.bench/shapes.py, beside 
 DEFAULT = [f"{impl}:{shape}:{size}{q}" for shape, size in (("llama8b", "2x2048"), ("qwen1.5b", "8x1024"))
            for q in ("", ":4bit") for impl in ("gazelle", "hf")]
 GAZELLE_STEPS, GAZELLE_WARMUP = 7, 3  # two eager warm-ups and the capture, then four replays timed
+HF_STEPS = 6  # hf_baseline.py's; the loss compared is the one of step 6 on both sides
 
 
 def parse(spec: str) -> dict:
@@ -56,7 +58,8 @@ def parse(spec: str) -> dict:
     ckpt = next((f.split("=", 1)[1] for f in flags if f.startswith("ckpt=")), "unsloth")
     return dict(impl=impl, shape=shape, batch=batch, seq=seq, q4="4bit" in flags, ckpt=ckpt, spec=spec,
                 profile="profile" in flags, graphs="graphs=off" not in flags, memory="memory" in flags,
-                host="embed=gpu" not in flags)
+                host="embed=gpu" not in flags, tiles="tiles=off" not in flags,
+                chunk_mb=int(next((f.split("=", 1)[1] for f in flags if f.startswith("chunk=")), 0)))
 
 
 def model_dir(shape: str) -> str:
@@ -136,6 +139,13 @@ def run_gazelle(case: dict) -> dict:
     if case["memory"]:
         torch.cuda.memory._record_memory_history(max_entries=3_000_000)
     model = gazelle_model(case["shape"], case["q4"], case["ckpt"]).train()
+    if not case["tiles"]:
+        for layer in model.model.layers:
+            layer.mlp.light_tile_bytes = None
+    if case["chunk_mb"]:
+        from gazelle.kernels import linear_cross_entropy
+
+        linear_cross_entropy.CHUNK_BYTES = case["chunk_mb"] * 2**20
     step_fn = GazelleStep(model, graphs=case["graphs"], host_embeddings=case["host"])
     torch.manual_seed(0)
     ids = torch.randint(0, 150000, (case["batch"], case["seq"]), device="cuda").cpu()  # batches come from the host
@@ -156,8 +166,8 @@ def run_gazelle(case: dict) -> dict:
     if case["memory"]:
         memory_at_peak(torch.cuda.memory._snapshot(), case["spec"])
     runner = step_fn.runner
-    return dict(step_s=round(step, 4), tok_s=round(case["batch"] * case["seq"] / step),
-                loss=round(losses[-1].item(), 4), first_loss=round(losses[0].item(), 4),
+    return dict(step_s=round(step, 4), tok_s=round(case["batch"] * case["seq"] / step), loss_last=round(losses[-1].item(), 4),
+                loss=round(losses[HF_STEPS - 1].item(), 4), first_loss=round(losses[0].item(), 4),
                 peak_gib=round(peak / 2**30, 2), reserved_gib=round(torch.cuda.max_memory_reserved() / 2**30, 2),
                 replays=runner.replays if runner else 0, graph_failure=runner.failure if runner else None,
                 step_times=[round(t, 4) for t in times])
