@@ -143,7 +143,10 @@ def grouped_attention(q, k, v, mask: torch.Tensor | None, scale: float, cap: flo
 
 
 MLP_TILE_BYTES = 256 * 2**20  # llama-8B shape, bf16: 3 x 14336 x 2 bytes a token, so tiles of 3,120 tokens past 12,480
-LIGHT_TILE_BYTES = 128 * 2**20  # qwen-1.5B shape, 8 x 1024 tokens: 4 tiles of 2,048; llama-8B, 2 x 2048: 3 of 1,408
+# Light tiles cost speed on H100 (smaller GEMMs; an NF4 base dequantized once per tile): at 128 MB, qwen-1.5B
+# 8 x 1024 lost 10% (QLoRA 15%) for 0.43 GiB, llama-8B 2 x 2048 7% (QLoRA 17%) for 0.2 GiB (NOTES section 12).
+# At 512 MB neither of those tiles; 16k tokens of the llama-8B shape (1.3 GB) go in 3 tiles.
+LIGHT_TILE_BYTES = 512 * 2**20
 
 
 class MLP(nn.Module):

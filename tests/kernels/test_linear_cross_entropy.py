@@ -146,9 +146,9 @@ def test_ref_mode_runs_the_chunked_reference(monkeypatch):
 
 
 def test_default_chunk():
-    assert default_chunk_tokens(151936, torch.bfloat16) == 192  # 220 rounded down to 64s: 64 MB of bf16 logits
-    assert default_chunk_tokens(151936, torch.float32) == 64
-    assert default_chunk_tokens(2**25, torch.float32) == 1  # vocab too big for even one token: still 1
+    assert default_chunk_tokens(151936, torch.bfloat16) == 832  # 883 rounded down to 64s: 256 MB of bf16 logits
+    assert default_chunk_tokens(151936, torch.float32) == 384
+    assert default_chunk_tokens(2**27, torch.float32) == 1  # vocab too big for even one token: still 1
     assert default_chunk_tokens(203, torch.float32) % 64 == 0
 
 
