@@ -149,6 +149,11 @@ MLP_TILE_BYTES = 256 * 2**20  # llama-8B shape, bf16: 3 x 14336 x 2 bytes a toke
 LIGHT_TILE_BYTES = 512 * 2**20
 
 
+def draws_random(module: nn.Module) -> bool:
+    """Whether a forward of module draws random numbers: an active dropout (an adapter's, in training)."""
+    return any(isinstance(m, nn.Dropout) and m.p > 0 and m.training for m in module.modules())
+
+
 class MLP(nn.Module):
     def __init__(self, cfg: DecoderConfig):
         super().__init__()
@@ -180,25 +185,21 @@ class MLP(nn.Module):
         # and both must draw LoRA dropout in the same (tile) order.
         tokens, forced = x.shape[:-1].numel(), forced_tile()
         if forced is not None and tokens > forced:
-            return tiled(self.block, x, forced, rng=self.draws_random())
+            return tiled(self.block, x, forced, rng=draws_random(self))
         block = self.block if output else functools.partial(self.block, output=False)
         per_token = 3 * self.intermediate_size * x.element_size()
         if self.tile_bytes:
             tile = max(1, self.tile_bytes // per_token)
             if tokens > 4 * tile:
-                return tiled(block, x, tile, values=output, rng=self.draws_random())
+                return tiled(block, x, tile, values=output, rng=draws_random(self))
         light = self.light_tile_bytes
         if (light and tokens * per_token > light and (not output or not torch.is_grad_enabled())
-                and not self.draws_random()):
+                and not draws_random(self)):
             tiles = -(-tokens * per_token // light)
             tile = -(-tokens // tiles)
             tile = -(-tile // 128) * 128 if tile > 128 else tile  # whole multiples of 128 rows for the GEMMs
             return tiled(block, x, tile, values=output, rng=False)
         return self.block(x, output)
-
-    def draws_random(self) -> bool:
-        """Whether a forward draws random numbers (an adapter's dropout in training)."""
-        return any(isinstance(m, nn.Dropout) and m.p > 0 and m.training for m in self.modules())
 
     def block(self, x: torch.Tensor, output: bool = True) -> torch.Tensor:
         if self.fused:
@@ -353,8 +354,8 @@ class Decoder(HFStyleMixin, nn.Module):
         return self.model.norm(h)
 
     def draws_random(self) -> bool:
-        """Whether a forward draws random numbers: an active dropout (LoRA dropout in training)."""
-        return any(isinstance(m, nn.Dropout) and m.p > 0 and m.training for m in self.modules())
+        """Whether a forward draws random numbers (LoRA dropout in training): the trainer keeps CUDA graphs off."""
+        return draws_random(self)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """lm_head (and final soft-capping) over hidden states; callers choose which positions.

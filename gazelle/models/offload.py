@@ -19,6 +19,9 @@ On the CPU (tests) the same autograd path runs with plain copies and no streams.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import torch
 
 from gazelle.errors import GazelleError
@@ -154,6 +157,29 @@ class OffloadSession:
         return x
 
 
+RngStates = tuple[torch.Tensor, torch.Tensor | None] | None
+
+
+def rng_states(x: torch.Tensor, rng: bool) -> RngStates:
+    """The CPU and (for a CUDA x) x's device generator states, for a recomputation to replay; None without rng:
+    nothing reads the CUDA generator then, which a CUDA-graph capture does not allow."""
+    if not rng:
+        return None
+    return torch.get_rng_state(), torch.cuda.get_rng_state(x.device) if x.is_cuda else None
+
+
+@contextmanager
+def replaying(states: RngStates, device: torch.device) -> Iterator[None]:
+    """Inside: the generators at `states` (rng_states), so a recomputation draws the forward's random numbers
+    (LoRA dropout); restored after. Nothing when states is None."""
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else [], enabled=states is not None):
+        if states is not None:
+            torch.set_rng_state(states[0])
+            if states[1] is not None:
+                torch.cuda.set_rng_state(states[1], device)
+        yield
+
+
 class _OffloadedCheckpoint(torch.autograd.Function):
     """out = run(x, *args) without saving anything on the GPU; backward reloads x and recomputes (with
     `recompute`, which computes what run does, except that its output's values may be left out: backward only
@@ -168,8 +194,7 @@ class _OffloadedCheckpoint(torch.autograd.Function):
     def forward(ctx, run, recompute, offloader: OffloadSession, layer: int, rng: bool, anchor, x, *args):
         ctx.recompute, ctx.offloader, ctx.layer, ctx.args = recompute, offloader, layer, args
         ctx.x_needs_grad = x.requires_grad
-        ctx.cpu_rng = torch.get_rng_state() if rng else None
-        ctx.cuda_rng = torch.cuda.get_rng_state(x.device) if rng and x.is_cuda else None
+        ctx.rng = rng_states(x, rng)
         offloader.save(layer, x)
         with torch.no_grad():
             return run(x, *args)
@@ -177,17 +202,8 @@ class _OffloadedCheckpoint(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         x = ctx.offloader.load(ctx.layer).requires_grad_(ctx.x_needs_grad)
-        if ctx.cpu_rng is None:
-            with torch.enable_grad():
-                out = ctx.recompute(x, *ctx.args)
-        else:  # the recomputation draws the same random numbers as the forward did (LoRA dropout)
-            devices = [x.device] if x.is_cuda else []
-            with torch.random.fork_rng(devices=devices):
-                torch.set_rng_state(ctx.cpu_rng)
-                if ctx.cuda_rng is not None:
-                    torch.cuda.set_rng_state(ctx.cuda_rng, x.device)
-                with torch.enable_grad():
-                    out = ctx.recompute(x, *ctx.args)
+        with replaying(ctx.rng, x.device), torch.enable_grad():
+            out = ctx.recompute(x, *ctx.args)
         torch.autograd.backward(out, grad_out)
         return (None,) * 6 + (x.grad if ctx.x_needs_grad else None,) + (None,) * len(ctx.args)
 

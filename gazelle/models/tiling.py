@@ -19,6 +19,8 @@ from contextvars import ContextVar
 
 import torch
 
+from gazelle.models.offload import replaying, rng_states
+
 _TILE_TOKENS: ContextVar[int | None] = ContextVar("mlp_tile_tokens", default=None)
 
 
@@ -60,8 +62,7 @@ class _Tiled(torch.autograd.Function):
     @staticmethod
     def forward(ctx, fn, tile: int, values: bool, rng: bool, anchor, x):
         ctx.fn, ctx.tile = fn, tile
-        ctx.cpu_rng = torch.get_rng_state() if rng else None
-        ctx.cuda_rng = torch.cuda.get_rng_state(x.device) if rng and x.is_cuda else None
+        ctx.rng = rng_states(x, rng)
         ctx.save_for_backward(x)
         if not values:  # a checkpoint's recomputation: backward recomputes every tile anyway
             return torch.empty_like(x)
@@ -73,12 +74,7 @@ class _Tiled(torch.autograd.Function):
         (x,) = ctx.saved_tensors
         rows, grads = x.detach().reshape(-1, x.shape[-1]), grad_out.reshape(-1, grad_out.shape[-1])
         grad_x = torch.empty_like(rows) if ctx.needs_input_grad[5] else None
-        devices = [x.device] if x.is_cuda else []
-        with torch.random.fork_rng(devices=devices, enabled=ctx.cpu_rng is not None):
-            if ctx.cpu_rng is not None:
-                torch.set_rng_state(ctx.cpu_rng)
-            if ctx.cuda_rng is not None:
-                torch.cuda.set_rng_state(ctx.cuda_rng, x.device)
+        with replaying(ctx.rng, x.device):
             for start in range(0, rows.shape[0], ctx.tile):
                 piece = rows[start : start + ctx.tile].requires_grad_(grad_x is not None)
                 with torch.enable_grad():

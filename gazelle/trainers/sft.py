@@ -220,9 +220,12 @@ class SFTTrainer(Trainer):
         return {"eval_loss": total / max(tokens, 1)}
 
     # -- loss ---------------------------------------------------------------------------------
+    def _hidden(self, batch: dict) -> torch.Tensor:
+        return self.model(batch["input_ids"], attention_mask=batch["attention_mask"],
+                          position_ids=batch.get("position_ids"), inputs_embeds=batch.get("inputs_embeds"))
+
     def loss(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
-        hidden = self.model(batch["input_ids"], attention_mask=batch["attention_mask"],
-                            position_ids=batch.get("position_ids"), inputs_embeds=batch.get("inputs_embeds"))
+        hidden = self._hidden(batch)
         trained = batch["targets"] != IGNORE_INDEX
         # Only positions with a target go through the lm_head.
         return cross_entropy_sum(self.model.logits, hidden[trained], batch["targets"][trained],
@@ -231,9 +234,8 @@ class SFTTrainer(Trainer):
     def graph_loss(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
         """loss() without selecting the trained positions (a data-dependent shape): every position goes through
         the head and the ignored ones add 0. The same value; what a CUDA graph can replay."""
-        hidden = self.model(batch["input_ids"], attention_mask=batch["attention_mask"],
-                            position_ids=batch.get("position_ids"), inputs_embeds=batch.get("inputs_embeds"))
-        return cross_entropy_sum(self.model.logits, hidden, batch["targets"], self.model.config.vocab_size)
+        return cross_entropy_sum(self.model.logits, self._hidden(batch), batch["targets"],
+                                 self.model.config.vocab_size)
 
     def resolved_config(self) -> dict:
         return {**self.args.to_dict(), "max_seq_length": self.max_seq_length}
