@@ -7,11 +7,12 @@ From the repository root on the device machine, with ../shared/bench copied to .
     PYTHONPATH=. python3 benchmarks/sft.py gazelle:llama8b:2x2048:4bit hf:llama8b:2x2048:4bit
     PYTHONPATH=. python3 benchmarks/sft.py --longest 65536,131072,262144,400000   # llama-8B QLoRA, batch 1
 
-SPEC = impl:shape:BATCHxSEQ[:4bit][:ckpt=off|on|unsloth][:graphs=off][:profile][:memory] (profile: gazelle only,
+SPEC = impl:shape:BATCHxSEQ[:4bit][:ckpt=off|on|unsloth][:graphs=off][:profile][:memory][:FLAG=VALUE...] (profile: gazelle only,
 one extra step's top CUDA ops; memory: gazelle only, what was allocated at the peak, by site, its timings slowed by
 the recording; graphs=off: gazelle's micro-batch eager, not replayed from a CUDA graph; embed=gpu: gazelle's
-embedding table and head stay on the GPU, not in host memory; tiles=off: no light MLP tiles (MLP.light_tile_bytes);
-chunk=MB: the linear cross-entropy's logits chunk). Each runs in a
+embedding table and head stay on the GPU, not in host memory; tiles=off|MB: no light MLP tiles or tiles of MB
+(MLP.light_tile_bytes); chunk=MB: the linear cross-entropy's logits chunk; ring=MB: the device buffers of the
+head streamed from host memory, HostEmbeddings.ring_bytes). Each runs in a
 process of its own, so each peak is its own. Both libraries load the random weights ../shared/bench/hf_baseline.py
 saves (/tmp/hf_baseline_SHAPE; built here the same way if missing), train LoRA r=32 alpha=32 dropout 0 on
 q,k,v,o,gate,up,down with AdamW lr 1e-4 (weight decay 0.01) on the same tokens (torch.manual_seed(0);
@@ -58,8 +59,12 @@ def parse(spec: str) -> dict:
     ckpt = next((f.split("=", 1)[1] for f in flags if f.startswith("ckpt=")), "unsloth")
     return dict(impl=impl, shape=shape, batch=batch, seq=seq, q4="4bit" in flags, ckpt=ckpt, spec=spec,
                 profile="profile" in flags, graphs="graphs=off" not in flags, memory="memory" in flags,
-                host="embed=gpu" not in flags, tiles="tiles=off" not in flags,
+                host="embed=gpu" not in flags, tiles=_flag(flags, "tiles"), ring_mb=int(_flag(flags, "ring") or 0),
                 chunk_mb=int(next((f.split("=", 1)[1] for f in flags if f.startswith("chunk=")), 0)))
+
+
+def _flag(flags: list[str], name: str) -> str | None:
+    return next((f.split("=", 1)[1] for f in flags if f.startswith(name + "=")), None)
 
 
 def model_dir(shape: str) -> str:
@@ -139,14 +144,16 @@ def run_gazelle(case: dict) -> dict:
     if case["memory"]:
         torch.cuda.memory._record_memory_history(max_entries=3_000_000)
     model = gazelle_model(case["shape"], case["q4"], case["ckpt"]).train()
-    if not case["tiles"]:
+    if case["tiles"] is not None:
         for layer in model.model.layers:
-            layer.mlp.light_tile_bytes = None
+            layer.mlp.light_tile_bytes = None if case["tiles"] == "off" else int(case["tiles"]) * 2**20
     if case["chunk_mb"]:
         from gazelle.kernels import linear_cross_entropy
 
         linear_cross_entropy.CHUNK_BYTES = case["chunk_mb"] * 2**20
     step_fn = GazelleStep(model, graphs=case["graphs"], host_embeddings=case["host"])
+    if case["ring_mb"]:
+        step_fn.host.ring_bytes = case["ring_mb"] * 2**20
     torch.manual_seed(0)
     ids = torch.randint(0, 150000, (case["batch"], case["seq"]), device="cuda").cpu()  # batches come from the host
     torch.cuda.synchronize()
@@ -170,7 +177,7 @@ def run_gazelle(case: dict) -> dict:
                 loss=round(losses[HF_STEPS - 1].item(), 4), first_loss=round(losses[0].item(), 4),
                 peak_gib=round(peak / 2**30, 2), reserved_gib=round(torch.cuda.max_memory_reserved() / 2**30, 2),
                 replays=runner.replays if runner else 0, graph_failure=runner.failure if runner else None,
-                step_times=[round(t, 4) for t in times])
+                step_times=[round(t, 4) for t in times], losses=[round(x.item(), 4) for x in losses])
 
 
 def memory_at_peak(snapshot: dict, spec: str) -> None:

@@ -24,6 +24,18 @@ real vocab sizes) and small beside the float32 whole (N x V x 4) that the plain 
 chunk of logits besides the float32 weight-gradient accumulator (V x H x 4) when the weight trains. Bigger
 chunks would mostly save the accumulator's traffic (it is read and written once per chunk).
 
+A frozen head can also be read slice by slice (`HeadSlices`; `linear_log_probs(..., vocab_slice=)`), which is how a
+head kept in host memory is streamed to the GPU (gazelle.models.host_embeddings): for each chunk of tokens the
+slices of the vocabulary come one after another, and each row keeps a running max m, a running sum l of exp(y - m)
+and, when hidden needs a gradient, a float32 accumulator of sum_j exp(y_j - m) f'_j W_j, all rescaled by
+exp(m_old - m_new) as a slice raises the max (the online softmax of flash attention, with the head as keys and
+values). At the end lse = m + log l and
+
+    d log_prob / d hidden = (f'_t W_t - acc / l) / T,   f'_j = 1 - tanh(z_j / cap)^2 (1 without softcap)
+
+so the whole head is never on the GPU at once: one or two slices, one slice of logits and the (tokens, H) float32
+accumulator are.
+
 Measured on an H100 (N 8192, H 1536, V 151936, bf16, forward + backward): 22 ms with a frozen weight (peak
 ~350 MiB above the inputs) and 34 ms with a trained one, against 121 / 169 ms for the checkpointed torch loss
 (gazelle.losses.cross_entropy); the matmuls take ~75% of it.
@@ -43,12 +55,50 @@ IGNORE_INDEX = -100
 CHUNK_BYTES = 2**28  # logits of one chunk, in the input dtype (64 MB cost llama-8B 2.7% of its step for 0.11 GiB)
 _BLOCK_V = 4096  # vocab entries per block (8 warps x 32 lanes x 16)
 _SPLIT_BLOCKS = 4  # blocks per program in forward: a row of 151936 in 10 programs of 16384 columns
+SLICE_BYTES = 2**25  # head rows per slice when streamed: 32 MB (4096 rows of llama-8B's head, 10880 of qwen-1.5B's)
 
 
 def default_chunk_tokens(vocab_size: int, dtype: torch.dtype) -> int:
     """Tokens per chunk: CHUNK_BYTES of logits in `dtype`, a multiple of 64 when that many fit, at least 1."""
     chunk = max(1, CHUNK_BYTES // (max(1, vocab_size) * torch.empty((), dtype=dtype).element_size()))
     return chunk - chunk % 64 if chunk >= 64 else chunk
+
+
+def default_slice_rows(hidden_size: int, dtype: torch.dtype) -> int:
+    """Head rows per streamed slice: SLICE_BYTES of the head in `dtype`, a multiple of 128 when that many fit."""
+    rows = max(1, SLICE_BYTES // (max(1, hidden_size) * torch.empty((), dtype=dtype).element_size()))
+    return rows - rows % 128 if rows >= 128 else rows
+
+
+class HeadSlices:
+    """A frozen (V, H) head read as consecutive slices of `rows` rows: `get(k)` gives the k-th slice read (slice k
+    modulo the slice count: a second chunk of tokens reads them all again) on the compute device, `done(k)` says
+    that the work reading it has been issued. This one serves a weight that is on that device already (views);
+    gazelle.models.host_embeddings.HeadStream copies slices of a host head through a ring of buffers."""
+
+    def __init__(self, weight: torch.Tensor, rows: int):
+        if weight.requires_grad:
+            raise ValueError("a head read in slices must be frozen (requires_grad=False)")
+        self.weight, self.rows = weight, max(1, int(rows))
+        self.shape, self.dtype = weight.shape, weight.dtype
+
+    @property
+    def count(self) -> int:
+        return cdiv(self.shape[0], self.rows)
+
+    def plan(self, reads: int) -> None:
+        """The slices will be read `reads` times in all (count x chunks of tokens)."""
+
+    def get(self, k: int) -> torch.Tensor:
+        start = (k % self.count) * self.rows
+        return self.weight[start : start + self.rows]
+
+    def done(self, k: int) -> None:
+        """Work reading slice read k is issued (a ring may refill its buffer)."""
+
+    def whole(self, device: torch.device) -> torch.Tensor:
+        """The whole head on `device`, for the reference path."""
+        return self.weight.to(device)
 
 
 # ----------------------------------------------------------------------------------------------- references
@@ -173,6 +223,70 @@ def _lse_bwd_kernel(z_ptr, targets_ptr, lse_ptr, grad_ptr, V, stride_row, n_vblo
     tl.store(ptrs, d.to(z_ptr.dtype.element_ty), mask=mask)
 
 
+@jit
+def _slice_softmax_kernel(z_ptr, w_ptr, targets_ptr, m_ptr, l_ptr, alpha_ptr, picked_ptr, tgt_ptr, Vs, H, offset,
+                          stride_z, stride_w, stride_t, cap, inv_cap, inv_temp, ignore_index,
+                          HAS_SOFTCAP: tl.constexpr, EARLY: tl.constexpr, BLOCK_V: tl.constexpr,
+                          BLOCK_H: tl.constexpr):
+    """One row of a head slice's logits z (n, Vs), vocabulary offset `offset`, folded into the row's running state.
+
+    m, l: the running max of y and sum of exp(y - m); alpha <- exp(m_old - m_new), by which the caller rescales its
+    accumulator. EARLY: z is overwritten in place with exp(y - m_new) * f' (the weights of the accumulator's next
+    product with the slice). If the row's target lies in the slice: picked <- y_target and, EARLY, the row of
+    tgt (n, H) <- f'_target * W[target] (each row's target lies in exactly one slice; ignored rows never write).
+    """
+    row = tl.program_id(0)
+    base = z_ptr + row.to(tl.int64) * stride_z
+    offs = tl.arange(0, BLOCK_V)
+    target = tl.load(targets_ptr + row)
+    local = target - offset
+    if (target != ignore_index) & (local >= 0) & (local < Vs):  # before z is overwritten
+        z_t = tl.load(base + local).to(tl.float32)
+        if HAS_SOFTCAP:
+            t_t = tanh_f32(z_t * inv_cap)
+            tl.store(picked_ptr + row, cap * t_t * inv_temp)
+            f_t = 1.0 - t_t * t_t
+        else:
+            tl.store(picked_ptr + row, z_t * inv_temp)
+            f_t = 1.0
+        if EARLY:
+            w_row = w_ptr + local.to(tl.int64) * stride_w
+            t_row = tgt_ptr + row.to(tl.int64) * stride_t
+            for h0 in range(0, H, BLOCK_H):
+                cols = h0 + tl.arange(0, BLOCK_H)
+                w = tl.load(w_row + cols, mask=cols < H, other=0.0).to(tl.float32)
+                tl.store(t_row + cols, (w * f_t).to(tgt_ptr.dtype.element_ty), mask=cols < H)
+    top = tl.full([BLOCK_V], -1e30, dtype=tl.float32)
+    for start in range(0, Vs, BLOCK_V):
+        cols = start + offs
+        y = tl.load(base + cols, mask=cols < Vs, other=0.0).to(tl.float32)
+        if HAS_SOFTCAP:
+            y = cap * tanh_f32(y * inv_cap)
+        top = tl.maximum(top, tl.where(cols < Vs, y * inv_temp, -1e30))
+    m_old = tl.load(m_ptr + row)
+    m_new = tl.maximum(m_old, tl.max(top, axis=0))
+    total = tl.zeros([BLOCK_V], dtype=tl.float32)
+    for start in range(0, Vs, BLOCK_V):
+        cols = start + offs
+        mask = cols < Vs
+        z = tl.load(base + cols, mask=mask, other=0.0).to(tl.float32)
+        if HAS_SOFTCAP:
+            t = tanh_f32(z * inv_cap)
+            y = cap * t * inv_temp
+        else:
+            y = z * inv_temp
+        e = tl.where(mask, tl.exp(y - m_new), 0.0)
+        total += e
+        if EARLY:
+            if HAS_SOFTCAP:
+                e = e * (1.0 - t * t)
+            tl.store(base + cols, e.to(z_ptr.dtype.element_ty), mask=mask)
+    alpha = tl.exp(m_old - m_new)
+    tl.store(alpha_ptr + row, alpha)
+    tl.store(m_ptr + row, m_new)
+    tl.store(l_ptr + row, tl.load(l_ptr + row) * alpha + tl.sum(total, axis=0))
+
+
 # ---------------------------------------------------------------------------------------------------- autograd
 
 
@@ -278,6 +392,70 @@ class _LinearLogProbsFunction(torch.autograd.Function):
         return grad_hidden, grad_weight, None, None, None, None, None, None
 
 
+class _StreamedLogProbsFunction(torch.autograd.Function):
+    """log_probs (N,) float32 of hidden (N, H) through a frozen head read in slices (HeadSlices); see the module
+    docstring. For each chunk of tokens every slice is read once: its logits by cuBLAS, the row state folded by
+    _slice_softmax_kernel and, when hidden needs a gradient, acc = acc * alpha + exp-weights @ slice (float32).
+    Backward scales the (N, H) d log_prob_t / d hidden_t formed in forward by each token's incoming gradient."""
+
+    @staticmethod
+    def forward(ctx, hidden, source, targets, softcap, temperature, ignore_index, chunk, early):
+        n_tokens, H = hidden.shape
+        dev = hidden.device
+        log_probs = torch.empty(n_tokens, dtype=torch.float32, device=dev)
+        grad_rows = torch.empty_like(hidden) if early else None  # d log_prob_t / d hidden_t, (N, H)
+        if n_tokens:
+            rows, count = source.rows, source.count
+            source.plan(count * cdiv(n_tokens, chunk))
+            n = min(chunk, n_tokens)
+            z_buf = torch.empty(n * rows, dtype=hidden.dtype, device=dev)  # one slice's logits, (n, rows)
+            m, l, alpha, picked = (torch.empty(n, dtype=torch.float32, device=dev) for _ in range(4))
+            acc = torch.empty(n, H, dtype=torch.float32, device=dev) if early else None
+            args = _kernel_args(softcap, temperature)
+            block_v = min(_BLOCK_V, max(16, next_power_of_2(rows)))
+            block_h = min(1024, max(16, next_power_of_2(H)))
+            read = 0
+            for s in range(0, n_tokens, chunk):
+                e = min(s + chunk, n_tokens)
+                h, t = hidden[s:e], targets[s:e]
+                m[: e - s].fill_(-1e30)
+                l.zero_()
+                picked.zero_()
+                tgt = grad_rows[s:e].zero_() if early else picked  # f'_t W_t per row (tgt unused without grad)
+                if early:
+                    acc.zero_()
+                for i in range(count):
+                    w = source.get(read)  # (vs, H) on the device
+                    z = z_buf[: (e - s) * w.shape[0]].view(e - s, w.shape[0])
+                    torch.mm(h, w.t(), out=z)
+                    _slice_softmax_kernel[(e - s,)](z, w, t, m, l, alpha, picked, tgt, w.shape[0], H, i * rows,
+                                                    z.stride(0), w.stride(0), tgt.stride(0) if early else 0,
+                                                    ignore_index=ignore_index, EARLY=early, BLOCK_V=block_v,
+                                                    BLOCK_H=block_h, num_warps=8, **args)
+                    if early:
+                        a = acc[: e - s]
+                        a.mul_(alpha[: e - s, None])
+                        _accumulate_mm(a, z, w)
+                    source.done(read)
+                    read += 1
+                valid = t != ignore_index
+                lse = m[: e - s] + torch.log(l[: e - s])
+                log_probs[s:e] = torch.where(valid, picked[: e - s] - lse, 0.0)
+                if early:  # (f'_t W_t - acc / l) / T, 0 for ignored rows
+                    a = acc[: e - s]
+                    a.div_(l[: e - s, None]).neg_().add_(tgt)
+                    a.mul_((valid.to(torch.float32) * args["inv_temp"])[:, None])
+                    tgt.copy_(a)
+        ctx.save_for_backward(grad_rows)
+        return log_probs
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        (grad_rows,) = ctx.saved_tensors
+        scale = grad_out.to(torch.promote_types(grad_rows.dtype, torch.float32))[:, None]
+        return (grad_rows * scale).to(grad_rows.dtype), None, None, None, None, None, None, None
+
+
 def _logit_grads(z, targets, lse, grad, ignore_index: int, block: int, args: dict) -> None:
     """z (n, V): the logits of n tokens, overwritten with d log_prob / d z times grad (n,) float32."""
     n_vblocks = cdiv(z.shape[1], block)
@@ -288,17 +466,24 @@ def _logit_grads(z, targets, lse, grad, ignore_index: int, block: int, args: dic
 # -------------------------------------------------------------------------------------------------- public ops
 
 
-def linear_log_probs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+def linear_log_probs(hidden: torch.Tensor, weight: torch.Tensor | HeadSlices, targets: torch.Tensor,
                      softcap: float | None = None, temperature: float = 1.0, ignore_index: int = IGNORE_INDEX,
-                     chunk_tokens: int | None = None) -> torch.Tensor:
+                     chunk_tokens: int | None = None, vocab_slice: int | None = None) -> torch.Tensor:
     """log softmax(softcap(hidden @ weight.T) / temperature)[target] per token, logits formed chunk by chunk.
 
     hidden (..., H), weight (V, H) (the lm_head weight, trainable or frozen), targets (...) int with values in
     [0, V) or ignore_index -> log-probs (...) in float32 (float64 for float64 input), 0 where ignored.
     Differentiable wrt hidden and weight. chunk_tokens: tokens per chunk (default: default_chunk_tokens).
+    weight may also be a HeadSlices (a frozen head read slice by slice, e.g. streamed from host memory), and
+    vocab_slice reads a frozen weight tensor that way, in slices of that many rows.
     """
     shape = targets.shape
     hidden, targets = hidden.reshape(-1, hidden.shape[-1]), targets.reshape(-1)  # (N, H), (N,)
+    source = weight if isinstance(weight, HeadSlices) else None
+    if source is None and vocab_slice is not None:
+        source = HeadSlices(weight, vocab_slice)
+    if source is not None:
+        return _streamed(hidden, source, targets, softcap, temperature, ignore_index, chunk_tokens).reshape(shape)
     chunk = chunk_tokens or default_chunk_tokens(weight.shape[0], hidden.dtype)
     if dispatch.use_triton("linear_cross_entropy", hidden, weight, targets, dtypes=KERNEL_DTYPES):
         if weight.dtype != hidden.dtype:
@@ -310,6 +495,22 @@ def linear_log_probs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.
     else:
         out = _chunked_ref(hidden, weight, targets, softcap, temperature, ignore_index, chunk)
     return out.reshape(shape)
+
+
+def _streamed(hidden, source: HeadSlices, targets, softcap, temperature, ignore_index, chunk_tokens):
+    """linear_log_probs over a head read in slices: hidden (N, H), targets (N,) -> (N,)."""
+    if source.dtype != hidden.dtype:
+        raise ValueError(f"hidden is {hidden.dtype} but the head is {source.dtype}; cast one of them")
+    if not dispatch.use_triton("linear_cross_entropy", hidden, targets, dtypes=KERNEL_DTYPES):
+        weight = source.whole(hidden.device)
+        chunk = chunk_tokens or default_chunk_tokens(weight.shape[0], hidden.dtype)
+        return _chunked_ref(hidden, weight, targets, softcap, temperature, ignore_index, chunk)
+    # Tokens per chunk: all of them while one slice of logits stays within CHUNK_BYTES (each chunk reads the
+    # whole head again).
+    chunk = chunk_tokens or max(1, CHUNK_BYTES // (source.rows * hidden.element_size()))
+    early = torch.is_grad_enabled() and hidden.requires_grad
+    return _StreamedLogProbsFunction.apply(hidden, source, targets.long().contiguous(), softcap, float(temperature),
+                                           int(ignore_index), int(chunk), early)
 
 
 def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,

@@ -16,6 +16,7 @@ from torch.utils.checkpoint import checkpoint
 
 from gazelle.kernels.decode_attention import decode_attention
 from gazelle.kernels.glu import glu
+from gazelle.kernels.linear_cross_entropy import HeadSlices
 from gazelle.kernels.lora import fusable, lora_mlp, lora_qkv
 from gazelle.kernels.multi_linear import MAX_M as MULTI_MAX_M
 from gazelle.kernels.multi_linear import glu_linear, multi_linear
@@ -332,8 +333,6 @@ class Decoder(HFStyleMixin, nn.Module):
             h = inputs_embeds
         else:
             h = self.model.embed_tokens(input_ids) if host is None else host.embed(input_ids)
-        if host is not None and self.training and torch.is_grad_enabled():
-            host.prefetch_head()  # a loss will follow: the head's copy runs under the layers
         if cfg.embed_scale != 1.0:
             h = h * torch.tensor(cfg.embed_scale, dtype=h.dtype)
         tables = {rope: table(position_ids, h.dtype) for rope, table in self._rotary.items()}
@@ -341,7 +340,10 @@ class Decoder(HFStyleMixin, nn.Module):
         # With checkpointing only each layer's input stays saved; "unsloth" mode parks it in CPU memory too.
         session = self._offloader.session() if checkpointing and self.checkpoint_offload else None
         rng = checkpointing and self.draws_random()  # else the recomputation need not restore generator states
+        prefetch = len(self.model.layers) - 1 if host is not None and self.training and torch.is_grad_enabled() else -1
         for i, layer in enumerate(self.model.layers):
+            if i == prefetch:
+                host.prefetch_head()  # a loss will follow: the first slices of the head copy under the last layer
             cos, sin = tables[cfg.rope_for(i)]
             mask = masks[cfg.window(i)]
             if session is not None:
@@ -368,13 +370,14 @@ class Decoder(HFStyleMixin, nn.Module):
         logits = grouped(hidden, (self.lm_head,))
         return softcap(self.lm_head(hidden) if logits is None else logits, self.config.final_softcap)
 
-    def linear_head(self) -> tuple[torch.Tensor, float | None] | None:
+    def linear_head(self) -> tuple[torch.Tensor | HeadSlices, float | None] | None:
         """(lm_head weight, final soft-cap) when `logits` is that plain product, for the fused linear
-        cross-entropy; None when the head carries an adapter, a bias or a quantized weight."""
+        cross-entropy; None when the head carries an adapter, a bias or a quantized weight. With the head in host
+        memory (HostEmbeddings) the weight is a HeadStream: the loss reads it slice by slice."""
         head = self.lm_head
         if type(head) is not nn.Linear or head.bias is not None:
             return None
-        weight = head.weight if self._host_embeddings is None else self._host_embeddings.head()
+        weight = head.weight if self._host_embeddings is None else self._host_embeddings.head_slices()
         return weight, self.config.final_softcap
 
     def num_parameters(self) -> int:

@@ -5,11 +5,13 @@ qwen-1.5B shape (tied: one tensor), 1.16 GiB each at the llama-8B shape, as much
 1.5B model. Neither is needed on the GPU for long:
 - the embedding is a row lookup: `inputs(batch)` gathers the batch's rows on the host (the trainer's batches are
   there already) into pinned memory, and the forward receives them as inputs_embeds, one (tokens, hidden) copy;
-- the head is read by the loss alone. A training forward (autograd on) starts copying it to the GPU on a stream of
-  its own as it begins, so the copy runs under the layers' compute, and the loss waits for it (Decoder.linear_head).
-  The frozen-head cross-entropy forms its hidden gradient in forward and keeps no weight for backward, so the copy
-  is freed when the loss is done: backward, where the peak lies, runs without it.
-Everything is capturable in a CUDA graph: the copy reads pinned memory, and its fork and join are events.
+- the head is read by the loss alone, and only slice by slice: the linear cross-entropy takes it as a HeadStream,
+  which copies 32 MB slices (gazelle.kernels.linear_cross_entropy.SLICE_BYTES) into a ring of `ring_bytes` of
+  device buffers on a stream of its own, each buffer refilled as soon as the loss has issued its work on the slice
+  before. A training forward (autograd on) starts the ring's first copies before its last layer, so they run
+  under that layer's compute. The whole head is never on the GPU: at the llama-8B shape it was 1.16 GiB at the
+  loss, and now the ring holds 128 MB.
+Everything is capturable in a CUDA graph: the copies read pinned memory, and their forks and joins are events.
 
 `HostEmbeddings(model).enable()` moves them (page-locked where they lie, cudaHostRegister), `disable()` moves them
 back to the device; the trainer does both around training, so inference and sampling afterwards see the model
@@ -22,6 +24,9 @@ import torch
 from torch import nn
 
 from gazelle.errors import GazelleError
+from gazelle.kernels.linear_cross_entropy import HeadSlices, default_slice_rows
+
+RING_BYTES = 2**27  # device buffers of a streamed head: 4 slices of 32 MB
 
 
 def why_not(model) -> str | None:
@@ -44,7 +49,8 @@ class HostEmbeddings:
         self.device: torch.device | None = None
         self._registered: list[torch.Tensor] = []
         self._stream: torch.cuda.Stream | None = None
-        self._pending: tuple[torch.Tensor, torch.cuda.Event] | None = None  # the head on its way to the GPU
+        self._pending: HeadStream | None = None  # the head's first slices on their way to the GPU
+        self.ring_bytes = RING_BYTES
 
     @property
     def enabled(self) -> bool:
@@ -68,6 +74,7 @@ class HostEmbeddings:
     def disable(self) -> None:
         if not self.enabled:
             return
+        self._drain()
         for param in self._tables():
             param.data = param.data.to(self.device)
         for host in self._registered:
@@ -95,24 +102,82 @@ class HostEmbeddings:
 
     # -- the head -----------------------------------------------------------------------------
     def prefetch_head(self) -> None:
-        """Start copying the head to the device on a side stream (a training forward begins)."""
-        compute = torch.cuda.current_stream(self.device)
+        """Start copying the head's first slices to the device (a training forward nears its loss)."""
+        self._drain()
         if self._stream is None:
             self._stream = torch.cuda.Stream(self.device)
-        host = self.model.lm_head.weight
-        head = torch.empty(host.shape, dtype=host.dtype, device=self.device)  # allocated on compute, freed there
-        self._stream.wait_stream(compute)
-        with torch.cuda.stream(self._stream):
-            head.copy_(host, non_blocking=True)
-            done = torch.cuda.Event()
-            done.record(self._stream)
-        self._pending = (head, done)
+        head = self.model.lm_head.weight
+        slice_bytes = default_slice_rows(head.shape[1], head.dtype) * head.shape[1] * head.element_size()
+        self._pending = HeadStream(head, self.device, self._stream, max(1, self.ring_bytes // slice_bytes))
+
+    def head_slices(self) -> HeadStream:
+        """The head as a HeadStream for the linear cross-entropy: the prefetched one, else one started now."""
+        if self._pending is None:
+            self.prefetch_head()
+        stream, self._pending = self._pending, None
+        return stream
 
     def head(self) -> torch.Tensor:
-        """The head on the device: the prefetched copy (compute waits for it), else a copy made now."""
-        if self._pending is None:
-            return self.model.lm_head.weight.to(self.device, non_blocking=True)
-        head, done = self._pending
-        self._pending = None
-        torch.cuda.current_stream(self.device).wait_event(done)
-        return head
+        """The whole head on the device, copied now (logits asked for outside the streamed loss)."""
+        self._drain()
+        return self.model.lm_head.weight.to(self.device, non_blocking=True)
+
+    def _drain(self) -> None:
+        if self._pending is not None:
+            self._pending.drain()
+            self._pending = None
+
+
+class HeadStream(HeadSlices):
+    """A frozen head in pinned host memory, copied to `device` slice by slice on the `side` stream through a ring of
+    `ring` buffers (allocated and freed on the compute stream, which waits for each copy before reading it).
+
+    The first `ring` copies start at once; `done(k)` refills slice read k's buffer with read k + ring once the
+    compute stream has issued its work on it. Every copy issued is read by the loss (`plan` says how many reads
+    there will be), so the side stream always joins back: inside a CUDA-graph capture too."""
+
+    def __init__(self, host_weight: torch.Tensor, device: torch.device, side: torch.cuda.Stream, ring: int):
+        super().__init__(host_weight, default_slice_rows(host_weight.shape[1], host_weight.dtype))
+        self.side, self.compute = side, torch.cuda.current_stream(device)
+        shape = (self.rows, host_weight.shape[1])
+        self.buffers = [torch.empty(shape, dtype=host_weight.dtype, device=device) for _ in range(min(ring, self.count))]
+        self.reads = self.count
+        self.ready: dict[int, tuple[torch.Tensor, torch.cuda.Event]] = {}
+        side.wait_stream(self.compute)
+        for k in range(len(self.buffers)):
+            self._copy(k)
+
+    def plan(self, reads: int) -> None:
+        self.reads = reads
+
+    def _copy(self, k: int) -> None:
+        start = (k % self.count) * self.rows
+        source = self.weight[start : start + self.rows]
+        buffer = self.buffers[k % len(self.buffers)][: source.shape[0]]
+        with torch.cuda.stream(self.side):
+            buffer.copy_(source, non_blocking=True)
+            copied = torch.cuda.Event()
+            copied.record(self.side)
+        self.ready[k] = (buffer, copied)
+
+    def get(self, k: int) -> torch.Tensor:
+        buffer, copied = self.ready.pop(k)
+        self.compute.wait_event(copied)
+        return buffer
+
+    def done(self, k: int) -> None:
+        if k + len(self.buffers) < self.reads:
+            issued = torch.cuda.Event()
+            issued.record(self.compute)
+            self.side.wait_event(issued)
+            self._copy(k + len(self.buffers))
+
+    def drain(self) -> None:
+        """Join the copies in flight (a stream dropped unread), so the buffers can be freed."""
+        for _, copied in self.ready.values():
+            self.compute.wait_event(copied)
+        self.ready.clear()
+
+    def whole(self, device: torch.device) -> torch.Tensor:
+        self.drain()
+        return self.weight.to(device, non_blocking=True)

@@ -40,12 +40,12 @@ def _problem(n=N, h=H, v=V, dtype=torch.float32, device="cpu", weight_grad=True,
     return hidden, weight, targets
 
 
-def _is_ours(t: torch.Tensor) -> bool:
+def _is_ours(t: torch.Tensor, function: str = "LinearLogProbs") -> bool:
     """Whether t comes from the Triton autograd.Function (through the final reshape's view)."""
     fn = t.grad_fn
-    while fn is not None and "LinearLogProbs" not in type(fn).__name__ and "View" in type(fn).__name__:
+    while fn is not None and function not in type(fn).__name__ and "View" in type(fn).__name__:
         fn = fn.next_functions[0][0]
-    return fn is not None and "LinearLogProbs" in type(fn).__name__
+    return fn is not None and function in type(fn).__name__
 
 
 @needs_interpreter
@@ -125,6 +125,63 @@ def test_no_grad_and_all_ignored(triton_mode):
     assert (hidden.grad == 0).all() and (weight.grad == 0).all()
     empty = linear_log_probs(hidden[:0], weight, targets[:0])
     assert empty.shape == (0,)
+
+
+@needs_interpreter
+@pytest.mark.parametrize("cap", [None, 30.0])
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+@pytest.mark.parametrize("chunk", [None, 8])
+@pytest.mark.parametrize("peak", ["first", "last", "random"])
+def test_streamed_head_matches_reference(triton_mode, cap, temperature, chunk, peak):
+    """A frozen head read in slices of 64 rows (203 = 3 x 64 + 11): the online max / sum / accumulator over slices,
+    all tokens in one chunk or chunks of 8 (each reading every slice again). peak: the largest logits lie in the
+    first slice (later slices never raise the max), in the last one (every slice rescales the state) or anywhere.
+    float32 both sides; atol 5e-5 since those rows, 3x larger, give hidden gradients of up to ~30 whose sums over
+    the vocabulary run in another order (seen: 1.5e-5)."""
+    hidden, weight, targets = _problem(weight_grad=False, scale=4.0 if cap else 1.0)
+    with torch.no_grad():
+        if peak == "first":
+            weight[:64] *= 3
+        elif peak == "last":
+            weight[192:] *= 3
+
+    def fast(h):
+        out = linear_log_probs(h, weight, targets, cap, temperature, chunk_tokens=chunk, vocab_slice=64)
+        assert _is_ours(out, "StreamedLogProbs")
+        return out
+
+    assert_matches(fast, lambda h: linear_log_probs_ref(h, weight, targets, cap, temperature), [hidden],
+                   tol=(5e-5, 1e-5))
+
+
+@needs_interpreter
+def test_streamed_head_bf16_leading_dims_and_no_grad(triton_mode):
+    """bf16 (judged against float32 on the same values), hidden (B, T, H), ignore_index -1, slices of 50 rows and
+    one slice bigger than the vocabulary; without grad the forward alone."""
+    hidden, weight, targets = _problem(n=2 * 9, dtype=torch.bfloat16, weight_grad=False, seed=3)
+    targets = targets.masked_fill(targets == IGNORE_INDEX, -1).view(2, 9)
+    hidden = hidden.detach().view(2, 9, H).requires_grad_()
+
+    def ref(h):
+        return linear_log_probs_ref(h.reshape(-1, H), weight.float(), targets.reshape(-1), 5.0, ignore_index=-1).view(2, 9)
+
+    for rows in (50, 256):
+        assert_matches(lambda h: linear_log_probs(h, weight, targets, 5.0, ignore_index=-1, vocab_slice=rows),
+                       ref, [hidden], dtype=torch.bfloat16)
+    with torch.no_grad():
+        out = linear_log_probs(hidden, weight, targets, 5.0, ignore_index=-1, vocab_slice=50)
+    torch.testing.assert_close(out, ref(hidden.float()).detach(), atol=2e-2, rtol=2e-2)
+    assert (out[targets == -1] == 0).all()
+
+
+def test_streamed_head_needs_a_frozen_weight_and_falls_back_whole(monkeypatch):
+    hidden, weight, targets = _problem(seed=8)
+    with pytest.raises(ValueError, match="must be frozen"):
+        linear_log_probs(hidden, weight, targets, vocab_slice=64)
+    monkeypatch.setenv("GAZELLE_KERNELS", "ref")  # the reference reads the whole head
+    weight = weight.detach()
+    assert_matches(lambda h: linear_log_probs(h, weight, targets, 30.0, 0.7, vocab_slice=64),
+                   lambda h: linear_log_probs_ref(h, weight, targets, 30.0, 0.7), [hidden])
 
 
 def test_reference_agrees_with_losses_token_log_probs():
@@ -227,3 +284,39 @@ def test_linear_cross_entropy_gpu_memory(triton_mode, weight_grad):
     out, _ = forward_backward(lambda hh: linear_log_probs(hh, weight.detach(), targets[:64], 30.0), [hidden[:64]])
     ref = linear_log_probs_ref(hidden[:64].float(), weight.float(), targets[:64], 30.0)
     torch.testing.assert_close(out[0], ref.detach(), atol=0.05, rtol=0.01)
+
+
+@needs_gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("ring, chunk", [(4, None), (1, 3000)])
+def test_head_streamed_from_host_gpu(triton_mode, dtype, ring, chunk):
+    """Qwen2.5-1.5B's head (V 151936, H 1536) in pinned host memory, streamed through a ring of `ring` 32 MB device
+    buffers (HeadStream), over 8192 tokens in one chunk or chunks of 3000 (the head read three times), with
+    softcap 30, against the float32 reference on the same values. Tolerances as test_linear_log_probs_gpu's (bf16:
+    log-probs within 0.05, mean 5e-3, hidden gradient within 2% relative norm; float32: 2e-5, 2e-6, 2e-5).
+    The peak stays below the head's size: the whole head is never on the GPU."""
+    from gazelle.models.host_embeddings import HeadStream
+
+    n, h, v = 8192, 1536, 151936
+    gen = torch.Generator(device="cuda").manual_seed(2)
+    hidden = torch.randn(n, h, device="cuda", generator=gen).to(dtype).requires_grad_()
+    weight = (torch.randn(v, h, device="cuda", generator=gen) * 0.02).to(dtype)
+    targets = torch.randint(0, v, (n,), device="cuda", generator=gen)
+    targets[::7] = IGNORE_INDEX
+    grad = torch.randn(n, device="cuda", generator=gen)
+    host = weight.cpu().pin_memory()
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    stream = HeadStream(host, hidden.device, torch.cuda.Stream(), ring)
+    out = linear_log_probs(hidden, stream, targets, 30.0, chunk_tokens=chunk)
+    assert _is_ours(out, "StreamedLogProbs")
+    out.backward(grad)
+    torch.cuda.synchronize()
+    peak = torch.cuda.max_memory_allocated() - base
+    assert peak < weight.nbytes, f"peak {peak / 2**20:.0f} MiB, the head is {weight.nbytes / 2**20:.0f} MiB"
+    ref, ref_h, _ = _reference_in_chunks(hidden, weight, targets, grad, 30.0)
+    err = (out - ref).abs()
+    max_err, mean_err, grad_tol = (0.05, 5e-3, 2e-2) if dtype == torch.bfloat16 else (2e-5, 2e-6, 2e-5)
+    assert err.max().item() < max_err and err.mean().item() < mean_err, (err.max().item(), err.mean().item())
+    assert _rel(hidden.grad, ref_h) < grad_tol
