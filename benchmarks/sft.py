@@ -12,7 +12,7 @@ one extra step's top CUDA ops; memory: gazelle only, what was allocated at the p
 the recording; graphs=off: gazelle's micro-batch eager, not replayed from a CUDA graph; embed=gpu: gazelle's
 embedding table and head stay on the GPU, not in host memory; tiles=off|MB: no light MLP tiles or tiles of MB
 (MLP.light_tile_bytes); chunk=MB: the linear cross-entropy's logits chunk; ring=MB: the device buffers of the
-head streamed from host memory, HostEmbeddings.ring_bytes). Each runs in a
+head streamed from host memory, HostEmbeddings.ring_bytes; ahead=N: its copies start N layers before the loss). Each runs in a
 process of its own, so each peak is its own. Both libraries load the random weights ../shared/bench/hf_baseline.py
 saves (/tmp/hf_baseline_SHAPE; built here the same way if missing), train LoRA r=32 alpha=32 dropout 0 on
 q,k,v,o,gate,up,down with AdamW lr 1e-4 (weight decay 0.01) on the same tokens (torch.manual_seed(0);
@@ -60,6 +60,7 @@ def parse(spec: str) -> dict:
     return dict(impl=impl, shape=shape, batch=batch, seq=seq, q4="4bit" in flags, ckpt=ckpt, spec=spec,
                 profile="profile" in flags, graphs="graphs=off" not in flags, memory="memory" in flags,
                 host="embed=gpu" not in flags, tiles=_flag(flags, "tiles"), ring_mb=int(_flag(flags, "ring") or 0),
+                ahead=int(_flag(flags, "ahead") or 0),
                 chunk_mb=int(next((f.split("=", 1)[1] for f in flags if f.startswith("chunk=")), 0)))
 
 
@@ -154,10 +155,14 @@ def run_gazelle(case: dict) -> dict:
     step_fn = GazelleStep(model, graphs=case["graphs"], host_embeddings=case["host"])
     if case["ring_mb"]:
         step_fn.host.ring_bytes = case["ring_mb"] * 2**20
+    if case["ahead"]:
+        step_fn.host.prefetch_layers = case["ahead"]
     torch.manual_seed(0)
     ids = torch.randint(0, 150000, (case["batch"], case["seq"]), device="cuda").cpu()  # batches come from the host
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
+    # the recorded history's events before training (loading, quantizing) set the live bytes but not the peak
+    start_event = len(torch.cuda.memory._snapshot()["device_traces"][0]) if case["memory"] else 0
     times, losses = [], []
     for _ in range(GAZELLE_STEPS):
         torch.cuda.synchronize()
@@ -171,7 +176,7 @@ def run_gazelle(case: dict) -> dict:
     if case["profile"]:  # one more step, untimed, under the profiler: where the time goes
         profile_step(lambda: step_fn(ids), case["spec"])
     if case["memory"]:
-        memory_at_peak(torch.cuda.memory._snapshot(), case["spec"])
+        memory_at_peak(torch.cuda.memory._snapshot(), case["spec"], start_event)
     runner = step_fn.runner
     return dict(step_s=round(step, 4), tok_s=round(case["batch"] * case["seq"] / step), loss_last=round(losses[-1].item(), 4),
                 loss=round(losses[HF_STEPS - 1].item(), 4), first_loss=round(losses[0].item(), 4),
@@ -180,20 +185,22 @@ def run_gazelle(case: dict) -> dict:
                 step_times=[round(t, 4) for t in times], losses=[round(x.item(), 4) for x in losses])
 
 
-def memory_at_peak(snapshot: dict, spec: str) -> None:
-    """What was allocated at the run's peak, from the allocator's recorded history (every allocation since the
-    model was loaded): bytes by the innermost gazelle (or benchmark) frame that allocated them, to stderr."""
+def memory_at_peak(snapshot: dict, spec: str, start_event: int = 0) -> None:
+    """What was allocated at the training's peak, from the allocator's recorded history (every allocation since
+    the model was loaded; peaks before event `start_event`, the loading's, do not count): bytes by the innermost
+    gazelle (or benchmark) frame that allocated them and its caller, to stderr."""
     live: dict[int, tuple[int, str]] = {}
     total = peak = 0
     at_peak: dict[int, tuple[int, str]] = {}
-    for event in snapshot["device_traces"][0]:
+    for index, event in enumerate(snapshot["device_traces"][0]):
         if event["action"] == "alloc":
             frames = event.get("frames") or []
-            where = next((f"{os.path.relpath(f['filename'], ROOT)}:{f['line']} {f['name']}" for f in frames
-                          if f["filename"].startswith(ROOT) and "/.bench/" not in f["filename"]), "(outside gazelle)")
+            ours = [f"{os.path.relpath(f['filename'], ROOT)}:{f['line']} {f['name']}" for f in frames
+                    if f["filename"].startswith(ROOT) and "/.bench/" not in f["filename"]]
+            where = " <- ".join(ours[:2]) or "(outside gazelle)"
             live[event["addr"]] = (event["size"], where)
             total += event["size"]
-            if total > peak:
+            if total > peak and index >= start_event:
                 peak, at_peak = total, dict(live)
         elif event["action"] == "free_completed" and event["addr"] in live:
             total -= live.pop(event["addr"])[0]

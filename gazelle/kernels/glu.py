@@ -146,9 +146,9 @@ def _glu_fwd_kernel(g_ptr, u_ptr, h_ptr, n_cols, g_stride, u_stride, n_col_block
 
 
 @jit
-def _glu_bwd_kernel(dh_ptr, g_ptr, u_ptr, dg_ptr, du_ptr, n_cols, dh_stride, g_stride, u_stride, n_col_blocks,
-                    ACT: tl.constexpr, BLOCK: tl.constexpr):
-    # dg and du are contiguous (rows, n_cols)
+def _glu_bwd_kernel(dh_ptr, g_ptr, u_ptr, dg_ptr, du_ptr, n_cols, dh_stride, g_stride, u_stride, dg_stride,
+                    du_stride, n_col_blocks, ACT: tl.constexpr, BLOCK: tl.constexpr):
+    # dg and du may be g and u themselves (in place): each element is read before the program writes it
     pid = tl.program_id(0)
     row = (pid // n_col_blocks).to(tl.int64)
     cols = (pid % n_col_blocks) * BLOCK + tl.arange(0, BLOCK)
@@ -157,8 +157,8 @@ def _glu_bwd_kernel(dh_ptr, g_ptr, u_ptr, dg_ptr, du_ptr, n_cols, dh_stride, g_s
     g = tl.load(g_ptr + row * g_stride + cols, mask=mask, other=0.0).to(tl.float32)
     u = tl.load(u_ptr + row * u_stride + cols, mask=mask, other=0.0).to(tl.float32)
     a, da = _act_fwd_bwd(g, ACT)
-    tl.store(dg_ptr + row * n_cols + cols, (dh * u * da).to(dg_ptr.dtype.element_ty), mask=mask)
-    tl.store(du_ptr + row * n_cols + cols, (dh * a).to(du_ptr.dtype.element_ty), mask=mask)
+    tl.store(dg_ptr + row * dg_stride + cols, (dh * u * da).to(dg_ptr.dtype.element_ty), mask=mask)
+    tl.store(du_ptr + row * du_stride + cols, (dh * a).to(du_ptr.dtype.element_ty), mask=mask)
 
 
 # ------------------------------------------------------------------------------------------------ launchers
@@ -209,24 +209,31 @@ def glu_forward(gate: torch.Tensor, up: torch.Tensor, act: str) -> torch.Tensor:
     return h
 
 
-def glu_backward(grad_h: torch.Tensor, gate: torch.Tensor, up: torch.Tensor,
-                 act: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """(grad_gate, grad_up) of h = act(gate) * up, contiguous in gate's shape and dtype, without autograd.
+def glu_backward(grad_h: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, act: str,
+                 inplace: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """(grad_gate, grad_up) of h = act(gate) * up, in gate's shape and dtype, without autograd.
 
-    Triton when dispatch allows it, otherwise glu_backward_ref (closed form, float32 math).
+    Triton when dispatch allows it, otherwise glu_backward_ref (closed form, float32 math). Contiguous new
+    tensors, or with inplace=True gate and up themselves, overwritten (a caller that needs their values no more
+    saves two (rows, cols) buffers: the LoRA MLP's backward, where they are the peak of a layer's).
     """
     _check_act(act)
     if not _use_kernel(gate, up, grad_h):
         with torch.no_grad():
-            return glu_backward_ref(grad_h, gate, up, act)
+            grads = glu_backward_ref(grad_h, gate, up, act)
+            return (gate.copy_(grads[0]), up.copy_(grads[1])) if inplace else grads
     dh2, g2, u2 = _rows(grad_h), _rows(gate), _rows(up)  # (rows, cols) each
-    grad_gate = torch.empty(gate.shape, dtype=gate.dtype, device=gate.device)
-    grad_up = torch.empty_like(grad_gate)
+    if inplace:  # g2 and u2 are views of gate and up, unless _rows had to copy: then these copies get the result
+        grad_gate, grad_up, dg2, du2 = g2.view(gate.shape), u2.view(up.shape), g2, u2
+    else:
+        grad_gate = torch.empty(gate.shape, dtype=gate.dtype, device=gate.device)
+        grad_up = torch.empty_like(grad_gate)
+        dg2, du2 = _rows(grad_gate), _rows(grad_up)
     if grad_gate.numel() == 0:
         return grad_gate, grad_up
     block, n_col_blocks, grid = _launch_shape(g2)
-    _glu_bwd_kernel[(grid,)](dh2, g2, u2, grad_gate, grad_up, g2.shape[1], dh2.stride(0), g2.stride(0),
-                             u2.stride(0), n_col_blocks, ACT=ACTS[act], BLOCK=block, num_warps=4)
+    _glu_bwd_kernel[(grid,)](dh2, g2, u2, dg2, du2, g2.shape[1], dh2.stride(0), g2.stride(0), u2.stride(0),
+                             dg2.stride(0), du2.stride(0), n_col_blocks, ACT=ACTS[act], BLOCK=block, num_warps=4)
     return grad_gate, grad_up
 
 

@@ -31,7 +31,10 @@ MLP, act in {"silu", "gelu_tanh", "gelu"} (gazelle.kernels.glu):
     grad_Bd = s_d g^T (h Ad^T); (grad_e, grad_u) = glu_backward(grad_h, e, u); then gate and up as above
     with g = grad_e, grad_u and the same x (their grad_x summed).
 
-Saved per token, in x's dtype: H + 2 I + r_g + r_u + r_d elements (x, e, u, x Ag^T, x Au^T, h Ad^T).
+Saved per token, in x's dtype: H + 2 I + r_g + r_u + r_d elements (x, e, u, x Ag^T, x Au^T, h Ad^T). Backward
+writes grad_e and grad_u over e and u (glu_backward(inplace=True)): a layer's backward then holds three (N, I)
+tensors at once (e, u, grad_h), not five. Saved e and u are therefore spent by a backward: the graph cannot be
+run backward twice (retain_graph), which nothing in gazelle does.
 Plain autograd through the modules keeps H + 4 I + (the same ranks): x, e (the activation's input),
 act(e) and u (the product's inputs), h (down_proj's input), plus, for NF4 bases, the three dequantized
 weights (3 H I elements per layer). For qwen2.5-1.5B (H 1536, I 8960) in bf16 that is 39 KB against 75 KB
@@ -445,7 +448,7 @@ class _LoraMlpFunction(torch.autograd.Function):
         del h
         grad_x, up_grads = None, [(None, None, None)] * n_up
         if need_h:
-            grad_e, grad_u = glu_backward(grad_h, e, u, act)  # (N, I) each
+            grad_e, grad_u = glu_backward(grad_h, e, u, act, inplace=True)  # (N, I) each, over e and u
             del grad_h
             inter = e.shape[1]
             if n_up == 2:

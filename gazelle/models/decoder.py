@@ -340,10 +340,12 @@ class Decoder(HFStyleMixin, nn.Module):
         # With checkpointing only each layer's input stays saved; "unsloth" mode parks it in CPU memory too.
         session = self._offloader.session() if checkpointing and self.checkpoint_offload else None
         rng = checkpointing and self.draws_random()  # else the recomputation need not restore generator states
-        prefetch = len(self.model.layers) - 1 if host is not None and self.training and torch.is_grad_enabled() else -1
+        prefetch = -1
+        if host is not None and self.training and torch.is_grad_enabled():
+            prefetch = max(0, len(self.model.layers) - host.prefetch_layers)
         for i, layer in enumerate(self.model.layers):
             if i == prefetch:
-                host.prefetch_head()  # a loss will follow: the first slices of the head copy under the last layer
+                host.prefetch_head()  # a loss will follow: the first slices of the head copy under the last layers
             cos, sin = tables[cfg.rope_for(i)]
             mask = masks[cfg.window(i)]
             if session is not None:

@@ -8,8 +8,8 @@ qwen-1.5B shape (tied: one tensor), 1.16 GiB each at the llama-8B shape, as much
 - the head is read by the loss alone, and only slice by slice: the linear cross-entropy takes it as a HeadStream,
   which copies 32 MB slices (gazelle.kernels.linear_cross_entropy.SLICE_BYTES) into a ring of `ring_bytes` of
   device buffers on a stream of its own, each buffer refilled as soon as the loss has issued its work on the slice
-  before. A training forward (autograd on) starts the ring's first copies before its last layer, so they run
-  under that layer's compute. The whole head is never on the GPU: at the llama-8B shape it was 1.16 GiB at the
+  before. A training forward (autograd on) starts the ring's first copies before its last layer
+  (`prefetch_layers`), so they run under that layer's compute. The whole head is never on the GPU: at the llama-8B shape it was 1.16 GiB at the
   loss, and now the ring holds 128 MB.
 Everything is capturable in a CUDA graph: the copies read pinned memory, and their forks and joins are events.
 
@@ -51,6 +51,9 @@ class HostEmbeddings:
         self._stream: torch.cuda.Stream | None = None
         self._pending: HeadStream | None = None  # the head's first slices on their way to the GPU
         self.ring_bytes = RING_BYTES
+        """Device buffers of the streamed head: the slices copied ahead of the loss."""
+        self.prefetch_layers = 1
+        """A training forward starts the head's first copies before its last this many layers."""
 
     @property
     def enabled(self) -> bool:

@@ -91,6 +91,26 @@ def test_launchers_without_autograd(triton_mode, act):
     torch.testing.assert_close(glu_backward(grad_t, gate, up, act)[0], ref_gate, atol=atol, rtol=rtol)
 
 
+@needs_interpreter
+@pytest.mark.parametrize("act", list(ACTS))
+@pytest.mark.parametrize("fused", [False, True])
+def test_backward_in_place(triton_mode, act, fused):
+    """inplace=True writes grad_gate over gate and grad_up over up (the strided halves of one gate_up output when
+    fused) with the values of the out-of-place launcher's reference."""
+    gen = torch.Generator().manual_seed(4)
+    if fused:
+        gate, up = (torch.randn(7, 2 * 45, generator=gen) * 3).chunk(2, dim=-1)
+    else:
+        gate, up = (torch.randn(7, 45, generator=gen) * 3 for _ in range(2))
+    grad_h = torch.randn(7, 45, generator=gen)
+    ref_gate, ref_up = glu_backward_ref(grad_h, gate.clone(), up.clone(), act)
+    grad_gate, grad_up = glu_backward(grad_h, gate, up, act, inplace=True)
+    assert grad_gate.data_ptr() == gate.data_ptr() and grad_up.data_ptr() == up.data_ptr()
+    atol, rtol = TOLERANCE[torch.float32]
+    torch.testing.assert_close(gate, ref_gate, atol=atol, rtol=rtol)
+    torch.testing.assert_close(up, ref_up, atol=atol, rtol=rtol)
+
+
 def test_ref_mode_and_fallbacks(monkeypatch):
     gate, up = _inputs((3, 11))
     monkeypatch.setenv("GAZELLE_KERNELS", "ref")
