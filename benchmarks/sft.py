@@ -7,21 +7,25 @@ From the repository root on the device machine, with ../shared/bench copied to .
     PYTHONPATH=. python3 benchmarks/sft.py gazelle:llama8b:2x2048:4bit hf:llama8b:2x2048:4bit
     PYTHONPATH=. python3 benchmarks/sft.py --longest 65536,131072,262144,400000   # llama-8B QLoRA, batch 1
 
-SPEC = impl:shape:BATCHxSEQ[:4bit][:ckpt=off|on|unsloth][:graphs=off][:profile][:memory][:FLAG=VALUE...] (profile: gazelle only,
-one extra step's top CUDA ops; memory: gazelle only, what was allocated at the peak, by site, its timings slowed by
-the recording; graphs=off: gazelle's micro-batch eager, not replayed from a CUDA graph; embed=gpu: gazelle's
-embedding table and head stay on the GPU, not in host memory; tiles=off|MB: no light MLP tiles or tiles of MB
-(MLP.light_tile_bytes); chunk=MB: the linear cross-entropy's logits chunk; ring=MB: the device buffers of the
-head streamed from host memory, HostEmbeddings.ring_bytes; ahead=N: its copies start N layers before the loss). Each runs in a
-process of its own, so each peak is its own. Both libraries load the random weights ../shared/bench/hf_baseline.py
-saves (/tmp/hf_baseline_SHAPE; built here the same way if missing), train LoRA r=32 alpha=32 dropout 0 on
-q,k,v,o,gate,up,down with AdamW lr 1e-4 (weight decay 0.01) on the same tokens (torch.manual_seed(0);
-randint(0, 150000, (B, S)) on cuda, labels = the ids). HF: six steps, the step time the median of steps 3-6
-(hf_baseline.py). gazelle: seven steps (two eager warm-ups, the capture, four replays), the median of steps 4-7.
-peak = torch.cuda.max_memory_allocated (gazelle also prints max_memory_reserved); the loss printed is step 6's,
-HF's last (gazelle also prints its first, the base model's loss as the adapters start at zero, and its last). gazelle
-trains as its SFTTrainer does (GazelleStep), with the checkpointing mode get_peft_model defaults to ("unsloth":
-layer inputs offloaded to CPU) unless ckpt= says.
+SPEC = impl:shape:BATCHxSEQ[:4bit][:ckpt=off|on|unsloth][:graphs=off][:profile][:memory][:FLAG=VALUE...]
+- profile (gazelle only): one extra step's top CUDA ops;
+- memory (gazelle only): what was allocated at the training's peak, by allocating site and its caller (the
+  timings are slowed by the recording);
+- graphs=off: gazelle's micro-batch eager, not replayed from a CUDA graph;
+- embed=gpu: gazelle's embedding table and head stay on the GPU, not in host memory;
+- tiles=off|MB: no light MLP tiles, or tiles of MB (MLP.light_tile_bytes; SFTConfig.mlp_tile_mb);
+- chunk=MB: the linear cross-entropy's logits chunk;
+- ring=MB, ahead=N: the device buffers of the head streamed from host memory (HostEmbeddings.ring_bytes), its
+  copies started N layers before the loss (HostEmbeddings.prefetch_layers).
+Each runs in a process of its own, so each peak is its own. Both libraries load the random weights that
+../shared/bench/hf_baseline.py saves (/tmp/hf_baseline_SHAPE; built here the same way if missing), train LoRA r=32
+alpha=32 dropout 0 on q,k,v,o,gate,up,down with AdamW lr 1e-4 (weight decay 0.01) on the same tokens
+(torch.manual_seed(0); randint(0, 150000, (B, S)) on cuda, labels = the ids). HF: six steps, the step time the
+median of steps 3-6 (hf_baseline.py). gazelle: seven steps (two eager warm-ups, the capture, four replays), the
+median of steps 4-7. peak = torch.cuda.max_memory_allocated (gazelle also prints max_memory_reserved); the loss
+printed is step 6's, HF's last (gazelle also prints every step's: the first is the base model's loss as the
+adapters start at zero). gazelle trains as its SFTTrainer does (GazelleStep), with the checkpointing mode
+get_peft_model defaults to ("unsloth": layer inputs offloaded to CPU) unless ckpt= says.
 
 --longest: one process, gazelle QLoRA batch 1 on the llama-8B shape, one full training step (forward, backward,
 optimizer) per length in the list, ascending, stopping at the first that runs out of memory.

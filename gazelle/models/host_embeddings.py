@@ -9,8 +9,9 @@ qwen-1.5B shape (tied: one tensor), 1.16 GiB each at the llama-8B shape, as much
   which copies 32 MB slices (gazelle.kernels.linear_cross_entropy.SLICE_BYTES) into a ring of `ring_bytes` of
   device buffers on a stream of its own, each buffer refilled as soon as the loss has issued its work on the slice
   before. A training forward (autograd on) starts the ring's first copies before its last layer
-  (`prefetch_layers`), so they run under that layer's compute. The whole head is never on the GPU: at the llama-8B shape it was 1.16 GiB at the
-  loss, and now the ring holds 128 MB.
+  (`prefetch_layers`), so they run under that layer's compute. The whole head is never on the GPU: at the
+  llama-8B shape a copy of it (1.16 GiB) was, and SFT's peak went from 16.27 to 15.53 GiB (QLoRA: 6.71 to 5.90)
+  at the same speed (H100, benchmarks/RESULTS.md).
 Everything is capturable in a CUDA graph: the copies read pinned memory, and their forks and joins are events.
 
 `HostEmbeddings(model).enable()` moves them (page-locked where they lie, cudaHostRegister), `disable()` moves them
@@ -143,7 +144,8 @@ class HeadStream(HeadSlices):
         super().__init__(host_weight, default_slice_rows(host_weight.shape[1], host_weight.dtype))
         self.side, self.compute = side, torch.cuda.current_stream(device)
         shape = (self.rows, host_weight.shape[1])
-        self.buffers = [torch.empty(shape, dtype=host_weight.dtype, device=device) for _ in range(min(ring, self.count))]
+        self.buffers = [torch.empty(shape, dtype=host_weight.dtype, device=device)
+                        for _ in range(min(ring, self.count))]
         self.reads = self.count
         self.ready: dict[int, tuple[torch.Tensor, torch.cuda.Event]] = {}
         side.wait_stream(self.compute)

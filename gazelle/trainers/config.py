@@ -66,6 +66,12 @@ class TrainingArguments:
     """Keep the frozen embedding table and lm_head in pinned host memory while training (rows looked up on the
     host, the head copied in under each forward; gazelle.models.host_embeddings). None: where it applies (SFT on
     CUDA, both frozen, a plain linear head); True: an error where it cannot; False: never."""
+    mlp_tile_mb: float | None = None
+    """Memory for speed in checkpointed training: a layer's MLP whose intermediates (gate, up, their product)
+    exceed this many MB runs in tiles of tokens in the checkpoint's forward and recomputation, so backward holds
+    one tile's intermediates, not the whole batch's (MLP.light_tile_bytes, restored after training). None keeps
+    the model's (512 MB); 0 never tiles. benchmarks/RESULTS.md: 128 takes qwen-1.5B QLoRA at 8 x 1024 from 2.34
+    to 1.96 GiB for 15% of its speed."""
     disable_tqdm: bool = False
     """Hide the progress bar."""
     dataloader_num_workers: int = 0
@@ -91,6 +97,8 @@ class TrainingArguments:
             raise GazelleError(f"save_strategy {self.save_strategy!r} is not one of steps, epoch, no")
         if self.bf16 and self.fp16:
             raise GazelleError("bf16 and fp16 are both set; choose one")
+        if self.mlp_tile_mb is not None and not self.mlp_tile_mb >= 0:
+            raise GazelleError(f"mlp_tile_mb must be >= 0 (0: no tiles) or unset, got {self.mlp_tile_mb}")
         if not 0 <= self.warmup_ratio < 1:
             raise GazelleError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
 

@@ -16,8 +16,10 @@ from collections.abc import Iterator
 from typing import NamedTuple
 
 import torch
+from torch import nn
 
 from gazelle.errors import GazelleError
+from gazelle.models.decoder import MLP
 from gazelle.models.host_embeddings import HostEmbeddings, why_not
 from gazelle.trainers.checkpoint import (
     list_checkpoints,
@@ -203,6 +205,7 @@ class Trainer:
         stream = self._micro_batches(*position)
         window = {"loss": 0.0, "tokens": 0, "seen": 0, "steps": 0, "time": time.perf_counter()}
         host = self._host_embeddings()
+        tiles = self._mlp_tiles()
         try:
             with progress(total, self.global_step, disable=args.disable_tqdm) as bar:
                 while self.global_step < total:
@@ -238,6 +241,8 @@ class Trainer:
                         getattr(cb, "on_step_end", lambda t: None)(self)
         finally:
             self._graphed = None  # its graphs' memory pool goes with it
+            for mlp, light in tiles:
+                mlp.light_tile_bytes = light
             if host is not None:
                 host.disable()  # the tables go back to the device: inference afterwards sees the model as it was
         if args.save_strategy != "no":
@@ -269,6 +274,18 @@ class Trainer:
         host = HostEmbeddings(self.model)
         host.enable()
         return host
+
+    def _mlp_tiles(self) -> list[tuple[nn.Module, int | None]]:
+        """Sets args.mlp_tile_mb on every MLP of the model; returns each one's own setting, to restore."""
+        if self.args.mlp_tile_mb is None:
+            return []
+        mlps = [m for m in self.model.modules() if isinstance(m, MLP)]
+        if not mlps:
+            raise GazelleError("mlp_tile_mb applies to the MLPs of gazelle's decoder, and this model has none")
+        saved = [(m, m.light_tile_bytes) for m in mlps]
+        for m in mlps:
+            m.light_tile_bytes = int(self.args.mlp_tile_mb * 2**20) or None
+        return saved
 
     def _graphed_step(self, optimizer) -> GraphedStep | None:
         """The CUDA-graph runner of the micro-batches when args.cuda_graphs allows and the setting supports it."""

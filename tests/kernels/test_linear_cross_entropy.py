@@ -163,7 +163,8 @@ def test_streamed_head_bf16_leading_dims_and_no_grad(triton_mode):
     hidden = hidden.detach().view(2, 9, H).requires_grad_()
 
     def ref(h):
-        return linear_log_probs_ref(h.reshape(-1, H), weight.float(), targets.reshape(-1), 5.0, ignore_index=-1).view(2, 9)
+        out = linear_log_probs_ref(h.reshape(-1, H), weight.float(), targets.reshape(-1), 5.0, ignore_index=-1)
+        return out.view(2, 9)
 
     for rows in (50, 256):
         assert_matches(lambda h: linear_log_probs(h, weight, targets, 5.0, ignore_index=-1, vocab_slice=rows),

@@ -201,3 +201,36 @@ def test_eval_dataset_loss_is_logged(tmp_path):
             losses += torch.nn.functional.cross_entropy(logits, ids[0, 1:], reduction="sum").item()
             tokens += ids.shape[1] - 1
     assert trainer.evaluate()["eval_loss"] == pytest.approx(losses / tokens, rel=1e-5)
+
+
+def test_mlp_tile_mb_tiles_training_without_changing_it(tmp_path, monkeypatch):
+    """mlp_tile_mb: with offloaded checkpointing every layer's MLP runs in tiles (forward and recomputation), the
+    losses and the adapter are those of the untiled run, and the model's own setting is back after training."""
+    from gazelle import FastLanguageModel
+    from gazelle.models import decoder
+
+    rows, tok = text_rows(8, seed=6), word_tokenizer()
+    tile_sizes = []
+    tiled = decoder.tiled
+    monkeypatch.setattr(decoder, "tiled",
+                        lambda block, x, tile, **kw: tile_sizes.append(tile) or tiled(block, x, tile, **kw))
+    runs = []
+    for tile_mb in (None, 3 * 1536 / 2**20):  # 3 tokens of the tiny MLP's 1,536 bytes a token
+        model = FastLanguageModel.get_peft_model(gazelle_model("llama"), r=4, lora_alpha=8,
+                                                 use_gradient_checkpointing="unsloth")
+        before = [layer.mlp.light_tile_bytes for layer in model.model.layers]
+        trainer = SFTTrainer(model, tok, rows, config(tmp_path / str(tile_mb), per_device_train_batch_size=4,
+                                                      mlp_tile_mb=tile_mb))
+        trainer.train()
+        assert [layer.mlp.light_tile_bytes for layer in model.model.layers] == before
+        adapter = {k: v.detach().clone() for k, v in model.state_dict().items() if "lora_" in k}
+        runs.append(([m["loss"] for m in trainer.metrics], adapter, list(tile_sizes)))
+        tile_sizes.clear()
+    (losses, whole, tiles_whole), (tiled_losses, parts, tiles) = runs
+    # each of 3 steps: every layer's forward and its recomputation, in tiles of 3 tokens
+    assert tiles_whole == [] and tiles == [3] * (2 * 3 * len(model.model.layers)), (tiles_whole, tiles)
+    assert tiled_losses == pytest.approx(losses, rel=1e-5, abs=0)
+    for name in whole:
+        torch.testing.assert_close(parts[name], whole[name], atol=1e-6, rtol=1e-5, msg=name)
+    with pytest.raises(GazelleError, match="mlp_tile_mb must be >= 0"):
+        config(tmp_path, mlp_tile_mb=-1)
