@@ -96,6 +96,9 @@ class HeadSlices:
     def done(self, k: int) -> None:
         """Work reading slice read k is issued (a ring may refill its buffer)."""
 
+    def drain(self) -> None:
+        """No slice will be read (no tokens): a ring joins the copies it has in flight."""
+
     def whole(self, device: torch.device) -> torch.Tensor:
         """The whole head on `device`, for the reference path."""
         return self.weight.to(device)
@@ -404,7 +407,9 @@ class _StreamedLogProbsFunction(torch.autograd.Function):
         dev = hidden.device
         log_probs = torch.empty(n_tokens, dtype=torch.float32, device=dev)
         grad_rows = torch.empty_like(hidden) if early else None  # d log_prob_t / d hidden_t, (N, H)
-        if n_tokens:
+        if not n_tokens:
+            source.drain()
+        else:
             rows, count = source.rows, source.count
             source.plan(count * cdiv(n_tokens, chunk))
             n = min(chunk, n_tokens)

@@ -173,6 +173,8 @@ def test_streamed_head_bf16_leading_dims_and_no_grad(triton_mode):
         out = linear_log_probs(hidden, weight, targets, 5.0, ignore_index=-1, vocab_slice=50)
     torch.testing.assert_close(out, ref(hidden.float()).detach(), atol=2e-2, rtol=2e-2)
     assert (out[targets == -1] == 0).all()
+    empty = linear_log_probs(hidden[:0], weight, targets[:0], vocab_slice=50)
+    assert empty.shape == (0, 9)
 
 
 def test_streamed_head_needs_a_frozen_weight_and_falls_back_whole(monkeypatch):
