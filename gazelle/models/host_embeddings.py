@@ -11,7 +11,7 @@ qwen-1.5B shape (tied: one tensor), 1.16 GiB each at the llama-8B shape, as much
   before. A training forward (autograd on) starts the ring's first copies before its last layer
   (`prefetch_layers`), so they run under that layer's compute. The whole head is never on the GPU: at the
   llama-8B shape a copy of it (1.16 GiB) was, and SFT's peak went from 16.27 to 15.53 GiB (QLoRA: 6.71 to 5.90)
-  at the same speed (H100, benchmarks/RESULTS.md).
+  within about 2% of the speed (H100, benchmarks/RESULTS.md).
 Everything is capturable in a CUDA graph: the copies read pinned memory, and their forks and joins are events.
 
 `HostEmbeddings(model).enable()` moves them (page-locked where they lie, cudaHostRegister), `disable()` moves them
