@@ -60,12 +60,10 @@ def parse(spec: str) -> dict:
     batch, seq = (int(n) for n in size.split("x"))
     if impl not in ("gazelle", "hf") or shape not in SHAPES:
         raise SystemExit(f"bad SPEC {spec!r}: impl gazelle|hf, shape one of {sorted(SHAPES)}")
-    ckpt = next((f.split("=", 1)[1] for f in flags if f.startswith("ckpt=")), "unsloth")
-    return dict(impl=impl, shape=shape, batch=batch, seq=seq, q4="4bit" in flags, ckpt=ckpt, spec=spec,
-                profile="profile" in flags, graphs="graphs=off" not in flags, memory="memory" in flags,
+    return dict(impl=impl, shape=shape, batch=batch, seq=seq, q4="4bit" in flags,
+                ckpt=_flag(flags, "ckpt") or "unsloth", spec=spec, profile="profile" in flags, graphs="graphs=off" not in flags, memory="memory" in flags,
                 host="embed=gpu" not in flags, tiles=_flag(flags, "tiles"), ring_mb=int(_flag(flags, "ring") or 0),
-                ahead=int(_flag(flags, "ahead") or 0),
-                chunk_mb=int(next((f.split("=", 1)[1] for f in flags if f.startswith("chunk=")), 0)))
+                ahead=int(_flag(flags, "ahead") or 0), chunk_mb=int(_flag(flags, "chunk") or 0))
 
 
 def _flag(flags: list[str], name: str) -> str | None:

@@ -58,16 +58,21 @@ _SPLIT_BLOCKS = 4  # blocks per program in forward: a row of 151936 in 10 progra
 SLICE_BYTES = 2**25  # head rows per slice when streamed: 32 MB (4096 rows of llama-8B's head, 10880 of qwen-1.5B's)
 
 
+def _rows_within(budget: int, row_elements: int, dtype: torch.dtype, multiple: int) -> int:
+    """Rows of row_elements `dtype` values within `budget` bytes, a multiple of `multiple` when that many fit,
+    at least 1."""
+    rows = max(1, budget // (max(1, row_elements) * torch.empty((), dtype=dtype).element_size()))
+    return rows - rows % multiple if rows >= multiple else rows
+
+
 def default_chunk_tokens(vocab_size: int, dtype: torch.dtype) -> int:
     """Tokens per chunk: CHUNK_BYTES of logits in `dtype`, a multiple of 64 when that many fit, at least 1."""
-    chunk = max(1, CHUNK_BYTES // (max(1, vocab_size) * torch.empty((), dtype=dtype).element_size()))
-    return chunk - chunk % 64 if chunk >= 64 else chunk
+    return _rows_within(CHUNK_BYTES, vocab_size, dtype, 64)
 
 
 def default_slice_rows(hidden_size: int, dtype: torch.dtype) -> int:
     """Head rows per streamed slice: SLICE_BYTES of the head in `dtype`, a multiple of 128 when that many fit."""
-    rows = max(1, SLICE_BYTES // (max(1, hidden_size) * torch.empty((), dtype=dtype).element_size()))
-    return rows - rows % 128 if rows >= 128 else rows
+    return _rows_within(SLICE_BYTES, hidden_size, dtype, 128)
 
 
 class HeadSlices:

@@ -51,10 +51,10 @@ def token_log_probs(
     with_entropy: also return the entropy of each position's distribution (no gradient), as a second tensor.
     """
     shape = targets.shape
-    linear_head = getattr(getattr(head, "__self__", None), "linear_head", None)  # a Decoder's own `logits`
-    # Asked only where it will be used: a head in host memory hands out its slices' stream once.
-    linear = linear_head() if linear_head is not None and not with_entropy and dispatch.use_triton(
-        "linear_cross_entropy", hidden) else None
+    owner = getattr(head, "__self__", None)  # a Decoder's own `logits` has linear_head
+    linear = None
+    if hasattr(owner, "linear_head") and not with_entropy and dispatch.use_triton("linear_cross_entropy", hidden):
+        linear = owner.linear_head()  # asked only here: a head in host memory hands out its slices' stream once
     if linear is not None:
         weight, cap = linear  # the fused kernel: lm_head and softmax per chunk, nothing kept but logsumexp
         return linear_log_probs(hidden, weight, targets, softcap=cap, temperature=temperature,

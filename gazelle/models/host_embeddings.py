@@ -110,9 +110,7 @@ class HostEmbeddings:
         self._drain()
         if self._stream is None:
             self._stream = torch.cuda.Stream(self.device)
-        head = self.model.lm_head.weight
-        slice_bytes = default_slice_rows(head.shape[1], head.dtype) * head.shape[1] * head.element_size()
-        self._pending = HeadStream(head, self.device, self._stream, max(1, self.ring_bytes // slice_bytes))
+        self._pending = HeadStream(self.model.lm_head.weight, self.device, self._stream, self.ring_bytes)
 
     def head_slices(self) -> HeadStream:
         """The head as a HeadStream for the linear cross-entropy: the prefetched one, else one started now."""
@@ -134,16 +132,18 @@ class HostEmbeddings:
 
 class HeadStream(HeadSlices):
     """A frozen head in pinned host memory, copied to `device` slice by slice on the `side` stream through a ring of
-    `ring` buffers (allocated and freed on the compute stream, which waits for each copy before reading it).
+    buffers of `ring_bytes` in all, at least one slice (allocated and freed on the compute stream, which waits for
+    each copy before reading it).
 
-    The first `ring` copies start at once; `done(k)` refills slice read k's buffer with read k + ring once the
-    compute stream has issued its work on it. Every copy issued is read by the loss (`plan` says how many reads
-    there will be), so the side stream always joins back: inside a CUDA-graph capture too."""
+    The first copies, one a buffer, start at once; `done(k)` refills slice read k's buffer with the read one ring
+    later once the compute stream has issued its work on it. Every copy issued is read by the loss (`plan` says how
+    many reads there will be), so the side stream always joins back: inside a CUDA-graph capture too."""
 
-    def __init__(self, host_weight: torch.Tensor, device: torch.device, side: torch.cuda.Stream, ring: int):
+    def __init__(self, host_weight: torch.Tensor, device: torch.device, side: torch.cuda.Stream, ring_bytes: int):
         super().__init__(host_weight, default_slice_rows(host_weight.shape[1], host_weight.dtype))
         self.side, self.compute = side, torch.cuda.current_stream(device)
         shape = (self.rows, host_weight.shape[1])
+        ring = max(1, ring_bytes // (self.rows * host_weight.shape[1] * host_weight.element_size()))
         self.buffers = [torch.empty(shape, dtype=host_weight.dtype, device=device)
                         for _ in range(min(ring, self.count))]
         self.reads = self.count

@@ -311,7 +311,7 @@ def test_head_streamed_from_host_gpu(triton_mode, dtype, ring, chunk):
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     base = torch.cuda.memory_allocated()
-    stream = HeadStream(host, hidden.device, torch.cuda.Stream(), ring)
+    stream = HeadStream(host, hidden.device, torch.cuda.Stream(), ring * lce.SLICE_BYTES)
     out = linear_log_probs(hidden, stream, targets, 30.0, chunk_tokens=chunk)
     assert _is_ours(out, "StreamedLogProbs")
     out.backward(grad)
