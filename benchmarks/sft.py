@@ -17,6 +17,9 @@ SPEC = impl:shape:BATCHxSEQ[:4bit][:ckpt=off|on|unsloth][:graphs=off][:profile][
 - chunk=MB: the linear cross-entropy's logits chunk;
 - ring=MB, ahead=N: the device buffers of the head streamed from host memory (HostEmbeddings.ring_bytes), its
   copies started N layers before the loss (HostEmbeddings.prefetch_layers).
+- stream=K: K decoder layers' frozen weights streamed from host memory through two device slots
+  (gazelle.models.host_layers; SFTConfig.stream_layers);
+- keep=N: the top N layers without checkpointing, their activations kept (SFTConfig.uncheckpointed_layers).
 Each runs in a process of its own, so each peak is its own. Both libraries load the random weights that
 ../shared/bench/hf_baseline.py saves (/tmp/hf_baseline_SHAPE; built here the same way if missing), train LoRA r=32
 alpha=32 dropout 0 on q,k,v,o,gate,up,down with AdamW lr 1e-4 (weight decay 0.01) on the same tokens
@@ -63,7 +66,8 @@ def parse(spec: str) -> dict:
     return dict(impl=impl, shape=shape, batch=batch, seq=seq, q4="4bit" in flags,
                 ckpt=_flag(flags, "ckpt") or "unsloth", spec=spec, profile="profile" in flags, graphs="graphs=off" not in flags, memory="memory" in flags,
                 host="embed=gpu" not in flags, tiles=_flag(flags, "tiles"), ring_mb=int(_flag(flags, "ring") or 0),
-                ahead=int(_flag(flags, "ahead") or 0), chunk_mb=int(_flag(flags, "chunk") or 0))
+                ahead=int(_flag(flags, "ahead") or 0), chunk_mb=int(_flag(flags, "chunk") or 0),
+                stream=int(_flag(flags, "stream") or 0), keep=int(_flag(flags, "keep") or 0))
 
 
 def _flag(flags: list[str], name: str) -> str | None:
@@ -159,6 +163,11 @@ def run_gazelle(case: dict) -> dict:
         step_fn.host.ring_bytes = case["ring_mb"] * 2**20
     if case["ahead"]:
         step_fn.host.prefetch_layers = case["ahead"]
+    model.uncheckpointed_layers = case["keep"]
+    if case["stream"]:
+        from gazelle.models.host_layers import HostLayers
+
+        HostLayers(model, case["stream"]).enable()
     torch.manual_seed(0)
     ids = torch.randint(0, 150000, (case["batch"], case["seq"]), device="cuda").cpu()  # batches come from the host
     torch.cuda.synchronize()

@@ -27,7 +27,7 @@ MLP, act in {"silu", "gelu_tanh", "gelu"} (gazelle.kernels.glu):
     e = x Wg^T + bg + s_g (x Ag^T) Bg^T     u = x Wu^T + bu + s_u (x Au^T) Bu^T     (N, I) each
     h = act(e) * u                          y = h Wd^T + bd + s_d (h Ad^T) Bd^T     (N, H)
 
-    backward: h is recomputed from (e, u); grad_h = g Wd + s_d (g Bd) Ad, grad_Ad = s_d (g Bd)^T h,
+    backward: h is recomputed from (e, u) (kept instead when the forward was a recomputation); grad_h = g Wd + s_d (g Bd) Ad, grad_Ad = s_d (g Bd)^T h,
     grad_Bd = s_d g^T (h Ad^T); (grad_e, grad_u) = glu_backward(grad_h, e, u); then gate and up as above
     with g = grad_e, grad_u and the same x (their grad_x summed).
 
@@ -211,7 +211,7 @@ def _cached(kind: str, tensors: tuple[torch.Tensor, ...], dtype: torch.dtype, sc
     optimizers write without bumping the counters). Writes through `.data` outside an optimizer go unseen.
     Under CUDA-graph capture nothing is kept: the graph then casts on every replay, so it reads the adapters'
     values of that moment, as it must after the optimizer has stepped. Inside casts_kept_in_capture() the graph
-    reads the kept copies instead, and whoever replays it calls refresh_casts() first."""
+    reads the kept copies instead, and brings them up to date itself first (refresh_casts(every=True) captured)."""
     device = tensors[0].device
     if device.type == "cuda" and not _KEEP_IN_CAPTURE and torch.cuda.is_current_stream_capturing():
         return fill(torch.empty(shape, dtype=dtype, device=device), tensors, scaling)
@@ -233,8 +233,9 @@ def _cached(kind: str, tensors: tuple[torch.Tensor, ...], dtype: torch.dtype, sc
 
 @contextmanager
 def casts_kept_in_capture():
-    """A CUDA graph captured inside reads the kept adapter casts (no cast launches in its replays); the casts are
-    brought up to date by refresh_casts(), which must run before every replay (gazelle.trainers.graphed)."""
+    """A CUDA graph captured inside reads the kept adapter casts (one cast per adapter a replay, not one per use);
+    the capture must begin with refresh_casts(every=True), so that every replay writes them from the adapters'
+    values of its moment (gazelle.trainers.graphed)."""
     global _KEEP_IN_CAPTURE
     _KEEP_IN_CAPTURE = True
     try:
@@ -244,15 +245,17 @@ def casts_kept_in_capture():
 
 
 @torch.no_grad()
-def refresh_casts() -> None:
-    """Writes again, in place, every kept cast whose parameters changed since it was written (an optimizer step)."""
+def refresh_casts(every: bool = False) -> None:
+    """Writes again, in place, every kept cast whose parameters changed since it was written (an optimizer step);
+    every=True: all of them, changed or not (the start of a captured training step, which each replay then begins
+    with: the adapters' values of that moment, without a launch per cast from the host between steps)."""
     for entries in list(_CASTS.values()):
         for cast in entries.values():
             tensors = tuple(ref() for ref in cast.refs)
             if any(t is None for t in tensors):
                 continue
             stamp = _stamp(tensors, cast.scaling)
-            if stamp != cast.stamp:
+            if every or stamp != cast.stamp:
                 cast.fill(cast.out, tensors, cast.scaling)
                 cast.stamp = stamp
 
@@ -414,7 +417,9 @@ class _LoraMlpFunction(torch.autograd.Function):
     """down(act(gate(x)) * up(x)); saves x, e, u and the (N, r) adapter inputs; h is recomputed in backward.
 
     output=False leaves the down projection out (its output is returned unwritten): backward needs e, u and
-    h Ad^T, never y, so a checkpoint's recomputation, whose output only routes gradients, skips that product."""
+    h Ad^T, never y, so a checkpoint's recomputation, whose output only routes gradients, skips that product.
+    Its backward follows at once, so it also keeps h instead of forming it again: one (N, I) tensor more between
+    the two, which backward holds at its peak (with e, u and grad_h) either way."""
 
     @staticmethod
     def forward(ctx, x, act, ups, down, output, *params):  # ups: (gate, up) or (gate_up,); params: _params(ups + (down,))
@@ -427,14 +432,15 @@ class _LoraMlpFunction(torch.autograd.Function):
         else:
             ha = torch.mm(h, _stacked_a((down,), h.dtype).T)  # (N, r_d)
             y = x2.new_empty(x2.shape[0], down.out_features)
-        ctx.act, ctx.ups, ctx.down, ctx.x_shape = act, ups, down, x.shape
-        ctx.save_for_backward(x2, xa, ha, *outs)
+        ctx.act, ctx.ups, ctx.down, ctx.x_shape, ctx.kept_h = act, ups, down, x.shape, not output
+        ctx.save_for_backward(x2, xa, ha, *outs, *(() if output else (h,)))
         return y.view(*x.shape[:-1], y.shape[-1])
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_y):
         x2, xa, ha, *outs = ctx.saved_tensors
+        h = outs.pop() if ctx.kept_h else None
         ups, down, act = ctx.ups, ctx.down, ctx.act
         e, u = outs if len(outs) == 2 else outs[0].chunk(2, dim=-1)
         needs = ctx.needs_input_grad
@@ -443,7 +449,8 @@ class _LoraMlpFunction(torch.autograd.Function):
         down_needs = _needs(needs[5 + 3 * n_up :], 1)
         need_h = needs[0] or any(any(n) for n in up_needs)
         g = _rows(grad_y)  # (N, H)
-        h = glu_forward(e, u, act)  # recomputed, (N, I)
+        if h is None:
+            h = glu_forward(e, u, act)  # recomputed, (N, I)
         grad_h, down_grads = _group_backward(h, ha, (down,), [[(0, down.out_features, g)]], need_h, down_needs)
         del h
         grad_x, up_grads = None, [(None, None, None)] * n_up

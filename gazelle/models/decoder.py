@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from gazelle.errors import GazelleError
 from gazelle.kernels.decode_attention import decode_attention
 from gazelle.kernels.glu import glu
 from gazelle.kernels.linear_cross_entropy import HeadSlices
@@ -271,8 +272,12 @@ class Decoder(HFStyleMixin, nn.Module):
         self.gradient_checkpointing = False
         self.checkpoint_offload = False
         """With gradient checkpointing, keep the saved layer inputs in CPU memory ("unsloth" mode)."""
+        self.uncheckpointed_layers = 0
+        """With gradient checkpointing, the top this many layers run without it: their activations stay on the GPU
+        until their backward, which then recomputes nothing (memory for speed; the top ones are freed first)."""
         self._offloader = ActivationOffloader()
         self._host_embeddings = None  # a HostEmbeddings while the tables live in host memory (training)
+        self._host_layers = None  # a HostLayers while some layers' frozen weights live in host memory (training)
         self.name_or_path: str | None = None
         """Where the weights came from: recorded in saved adapters as their base model."""
         self.lora_config = None
@@ -340,6 +345,15 @@ class Decoder(HFStyleMixin, nn.Module):
         # With checkpointing only each layer's input stays saved; "unsloth" mode parks it in CPU memory too.
         session = self._offloader.session() if checkpointing and self.checkpoint_offload else None
         rng = checkpointing and self.draws_random()  # else the recomputation need not restore generator states
+        checked = len(self.model.layers) - self.uncheckpointed_layers  # the layers below are checkpointed
+        stream = self._host_layers
+        if stream is not None:
+            if torch.is_grad_enabled() and (session is None or any(i >= checked for i in stream.indices)):
+                raise GazelleError(
+                    "layers streamed from host memory (stream_layers) run with autograd only under offloaded "
+                    "checkpointing: train the model in training mode with use_gradient_checkpointing='unsloth' and "
+                    "stream none of the uncheckpointed_layers, or run this forward under torch.no_grad()")
+            stream.start()
         prefetch = -1
         if host is not None and self.training and torch.is_grad_enabled():
             prefetch = max(0, len(self.model.layers) - host.prefetch_layers)
@@ -348,11 +362,15 @@ class Decoder(HFStyleMixin, nn.Module):
                 host.prefetch_head()  # a loss will follow: the first slices of the head copy under the last layers
             cos, sin = tables[cfg.rope_for(i)]
             mask = masks[cfg.window(i)]
-            if session is not None:
+            streamed = stream if stream is not None and i in stream else None
+            if session is not None and i < checked:
                 h = offloaded_checkpoint(layer, session, i, h, cos, sin, mask, cache, recompute=layer.recompute,
-                                         rng=rng)
-            elif checkpointing:
+                                         rng=rng, weights=streamed)
+            elif checkpointing and i < checked:
                 h = checkpoint(layer, h, cos, sin, mask, cache, use_reentrant=False, preserve_rng_state=rng)
+            elif streamed is not None:
+                with streamed.running(i):
+                    h = layer(h, cos, sin, mask, cache)
             else:
                 h = layer(h, cos, sin, mask, cache)
         return self.model.norm(h)

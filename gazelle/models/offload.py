@@ -20,7 +20,7 @@ On the CPU (tests) the same autograd path runs with plain copies and no streams.
 from __future__ import annotations
 
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 
 import torch
 
@@ -188,33 +188,44 @@ class _OffloadedCheckpoint(torch.autograd.Function):
     `anchor` is an empty tensor that requires grad, so the node is in the graph even when x does not need a
     gradient (the first layer's input, from a frozen embedding): the parameters inside `run` still get theirs,
     accumulated by the inner backward as reentrant checkpointing does.
+
+    `weights`: the layer's frozen weights stream from host memory (gazelle.models.host_layers.HostLayers); they are
+    on the device during the forward, and during the recomputation and backward together.
     """
 
     @staticmethod
-    def forward(ctx, run, recompute, offloader: OffloadSession, layer: int, rng: bool, anchor, x, *args):
-        ctx.recompute, ctx.offloader, ctx.layer, ctx.args = recompute, offloader, layer, args
+    def forward(ctx, run, recompute, offloader: OffloadSession, layer: int, rng: bool, weights, anchor, x, *args):
+        ctx.recompute, ctx.offloader, ctx.layer, ctx.args, ctx.weights = recompute, offloader, layer, args, weights
         ctx.x_needs_grad = x.requires_grad
         ctx.rng = rng_states(x, rng)
         offloader.save(layer, x)
-        with torch.no_grad():
+        with torch.no_grad(), _held(weights, layer, backward=False):
             return run(x, *args)
 
     @staticmethod
     def backward(ctx, grad_out):
         x = ctx.offloader.load(ctx.layer).requires_grad_(ctx.x_needs_grad)
-        with replaying(ctx.rng, x.device), torch.enable_grad():
-            out = ctx.recompute(x, *ctx.args)
-        torch.autograd.backward(out, grad_out)
-        return (None,) * 6 + (x.grad if ctx.x_needs_grad else None,) + (None,) * len(ctx.args)
+        with _held(ctx.weights, ctx.layer, backward=True):
+            with replaying(ctx.rng, x.device), torch.enable_grad():
+                out = ctx.recompute(x, *ctx.args)
+            torch.autograd.backward(out, grad_out)
+        return (None,) * 7 + (x.grad if ctx.x_needs_grad else None,) + (None,) * len(ctx.args)
+
+
+def _held(weights, layer: int, backward: bool):
+    if weights is None:
+        return nullcontext()
+    return weights.running(layer, backward=backward, then_backward=not backward)
 
 
 def offloaded_checkpoint(run, offloader: OffloadSession, layer: int, x: torch.Tensor, *args,
-                         recompute=None, rng: bool = True) -> torch.Tensor:
+                         recompute=None, rng: bool = True, weights=None) -> torch.Tensor:
     """run(x, *args) with x offloaded and the call recomputed in backward (see the module docstring).
 
     recompute: what backward calls instead of run, when there is a cheaper form whose output values are not
     computed (DecoderLayer.recompute); its gradients must be run's.
     rng: run draws random numbers (active dropout), so the recomputation restores the generators' states first.
-    Without it nothing reads the CUDA generator's state, which a CUDA-graph capture does not allow."""
+    Without it nothing reads the CUDA generator's state, which a CUDA-graph capture does not allow.
+    weights: a HostLayers streaming this layer's frozen weights, or None."""
     anchor = torch.empty(0, device=x.device, requires_grad=True)
-    return _OffloadedCheckpoint.apply(run, recompute or run, offloader, layer, rng, anchor, x, *args)
+    return _OffloadedCheckpoint.apply(run, recompute or run, offloader, layer, rng, weights, anchor, x, *args)

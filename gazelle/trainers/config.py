@@ -58,6 +58,10 @@ class TrainingArguments:
     """Accepted for compatibility; gazelle logs to the terminal and metrics.jsonl."""
     gradient_checkpointing: bool | str = False
     """True recomputes each layer in backward; "unsloth" also offloads layer inputs to CPU on a GPU."""
+    uncheckpointed_layers: int = 0
+    """With gradient checkpointing, the top this many decoder layers keep their activations on the GPU instead of
+    recomputing them in backward (gazelle's decoder: Decoder.uncheckpointed_layers): memory for speed, about
+    0.45 GiB and 2.4 ms a step for each llama-8B layer at 2 x 2048 tokens (benchmarks/RESULTS.md)."""
     cuda_graphs: bool | None = None
     """Replay each micro-batch's forward and backward from a CUDA graph captured per batch shape (the step's
     kernel launches cost the host one call). None: where it applies (CUDA, a trainer whose loss is capturable,
@@ -72,6 +76,12 @@ class TrainingArguments:
     one tile's intermediates, not the whole batch's (MLP.light_tile_bytes, restored after training). None keeps
     the model's (512 MB); 0 never tiles. benchmarks/RESULTS.md: 128 takes qwen-1.5B QLoRA at 8 x 1024 from 2.34
     to 1.96 GiB for 15% of its speed."""
+    stream_layers: int = 0
+    """Memory for host-link bandwidth in LoRA training with offloaded checkpointing: this many decoder layers, spread
+    through the stack, keep their frozen weights in pinned host memory and are copied into two device slots ahead of
+    each use (gazelle.models.host_layers); GPU memory holds stream_layers - 2 layers fewer. 0: none. The copies
+    overlap the other layers' compute, so leave at least three layers between streamed ones (benchmarks/RESULTS.md:
+    8 of the llama-8B shape's 32 layers)."""
     disable_tqdm: bool = False
     """Hide the progress bar."""
     dataloader_num_workers: int = 0
@@ -99,6 +109,11 @@ class TrainingArguments:
             raise GazelleError("bf16 and fp16 are both set; choose one")
         if self.mlp_tile_mb is not None and not self.mlp_tile_mb >= 0:
             raise GazelleError(f"mlp_tile_mb must be >= 0 (0: no tiles) or unset, got {self.mlp_tile_mb}")
+        if self.uncheckpointed_layers < 0:
+            raise GazelleError(f"uncheckpointed_layers must be >= 0 (0: every layer checkpointed), got "
+                               f"{self.uncheckpointed_layers}")
+        if self.stream_layers < 0:
+            raise GazelleError(f"stream_layers must be >= 0 (0: none), got {self.stream_layers}")
         if not 0 <= self.warmup_ratio < 1:
             raise GazelleError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
 

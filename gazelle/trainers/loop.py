@@ -19,8 +19,9 @@ import torch
 from torch import nn
 
 from gazelle.errors import GazelleError
-from gazelle.models.decoder import MLP
+from gazelle.models.decoder import MLP, DecoderBody
 from gazelle.models.host_embeddings import HostEmbeddings, why_not
+from gazelle.models.host_layers import HostLayers
 from gazelle.trainers.checkpoint import (
     list_checkpoints,
     load_checkpoint,
@@ -206,6 +207,8 @@ class Trainer:
         window = {"loss": 0.0, "tokens": 0, "seen": 0, "steps": 0, "time": time.perf_counter()}
         host = self._host_embeddings()
         tiles = self._mlp_tiles()
+        unchecked = self._uncheckpointed_layers()
+        layers = self._host_layers()
         try:
             with progress(total, self.global_step, disable=args.disable_tqdm) as bar:
                 while self.global_step < total:
@@ -243,6 +246,10 @@ class Trainer:
             self._graphed = None  # its graphs' memory pool goes with it
             for mlp, light in tiles:
                 mlp.light_tile_bytes = light
+            if layers is not None:
+                layers.disable()  # every layer's weights back on the device
+            if unchecked is not None:
+                model.uncheckpointed_layers = unchecked
             if host is not None:
                 host.disable()  # the tables go back to the device: inference afterwards sees the model as it was
         if args.save_strategy != "no":
@@ -274,6 +281,36 @@ class Trainer:
         host = HostEmbeddings(self.model)
         host.enable()
         return host
+
+    def _uncheckpointed_layers(self) -> int | None:
+        """Sets args.uncheckpointed_layers on the model; returns the model's own setting, to restore (None: unset)."""
+        count = self.args.uncheckpointed_layers
+        if not count:
+            return None
+        layers = getattr(getattr(self.model, "model", None), "layers", None)
+        if not isinstance(getattr(self.model, "model", None), DecoderBody):
+            raise GazelleError("uncheckpointed_layers applies to gazelle's decoder, and this model is not one")
+        if count > len(layers):
+            raise GazelleError(f"uncheckpointed_layers={count} exceeds the model's {len(layers)} layers")
+        own, self.model.uncheckpointed_layers = self.model.uncheckpointed_layers, count
+        return own
+
+    supports_host_layers = False
+    """Whether the subclass runs the model only through its forward (no generation engine), so some layers' frozen
+    weights may stream from host memory (gazelle.models.host_layers)."""
+
+    def _host_layers(self) -> HostLayers | None:
+        """args.stream_layers layers of the model streamed from host memory, or None when it is 0."""
+        count = self.args.stream_layers
+        if not count:
+            return None
+        if not self.supports_host_layers:
+            raise GazelleError(f"stream_layers applies to SFT training, not to {type(self).__name__}; leave it at 0")
+        if not isinstance(getattr(self.model, "model", None), DecoderBody):
+            raise GazelleError("stream_layers applies to gazelle's decoder, and this model is not one")
+        layers = HostLayers(self.model, count)
+        layers.enable()
+        return layers
 
     def _mlp_tiles(self) -> list[tuple[nn.Module, int | None]]:
         """Sets args.mlp_tile_mb on every MLP of the model; returns each one's own setting, to restore."""

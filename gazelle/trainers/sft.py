@@ -63,6 +63,7 @@ def _rows(dataset) -> list[dict]:
 
 class SFTTrainer(Trainer):
     supports_host_embeddings = True
+    supports_host_layers = True
 
     def __init__(
         self,

@@ -198,6 +198,13 @@ def test_refresh_casts_rewrites_stale_casts_in_place(cpu_fused):
     assert (stacked.out.data_ptr(), scaled.out.data_ptr()) == kept
     torch.testing.assert_close(stacked.out, torch.cat([m.lora_A.weight for m in mods]), atol=0, rtol=0)
     torch.testing.assert_close(scaled.out, mods[2].lora_B.weight * mods[2].scaling, atol=0, rtol=0)
+    # a write no stamp sees (through .data, no optimizer): only every=True, what a captured step begins with, redoes it
+    mods[2].lora_B.weight.data.add_(1.0)
+    lora.refresh_casts()
+    assert not torch.equal(scaled.out, mods[2].lora_B.weight * mods[2].scaling)
+    lora.refresh_casts(every=True)
+    assert scaled.out.data_ptr() == kept[1]
+    torch.testing.assert_close(scaled.out, mods[2].lora_B.weight * mods[2].scaling, atol=0, rtol=0)
 
 
 def test_lora_qkv_unused_output(cpu_fused):
