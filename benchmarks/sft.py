@@ -239,7 +239,8 @@ def profile_step(step, spec: str) -> None:
         torch.cuda.synchronize()
         wall = time.perf_counter() - start
     with tempfile.TemporaryDirectory() as tmp:
-        path = os.path.join(os.environ.get("SFT_TRACE_DIR") or tmp, spec.replace(":", "_") + ".json.gz")
+        name = "".join(c if c.isalnum() or c in "._-" else "_" for c in spec)
+        path = os.path.join(os.environ.get("SFT_TRACE_DIR") or tmp, name + ".json.gz")
         prof.export_chrome_trace(path)  # gzipped by torch for a .gz name
         with gzip.open(path, "rt") as f:
             events = json.load(f)["traceEvents"]
