@@ -43,9 +43,6 @@ from gazelle.errors import GazelleError
 
 SLOTS = 2
 ALIGN = 256  # bytes: every tensor's view into a layer's flat buffer starts at a multiple of this
-COPY_BYTES = 64 * 2**20  # a layer is copied in pieces of this size, so that another copy the compute stream waits
-# for (a layer input coming back, a slice of the head) queues behind one piece (about 1.2 ms), not a whole layer (0.44
-# GB, 8 ms at the llama-8B shape)
 
 
 def spread(n: int, count: int) -> list[int]:
@@ -245,8 +242,7 @@ class HostLayers:
         side = self._side(buffer.device)
         side.wait_stream(self._compute())  # the slot's last readers are queued on compute already
         with torch.cuda.stream(side):
-            for start in range(0, entry.nbytes, COPY_BYTES):  # pieces: see COPY_BYTES
-                target[start : start + COPY_BYTES].copy_(entry.host[start : start + COPY_BYTES], non_blocking=True)
+            target.copy_(entry.host, non_blocking=True)
             copied = torch.cuda.Event()
             copied.record(side)
         self._copied[slot] = copied
