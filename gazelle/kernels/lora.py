@@ -27,9 +27,10 @@ MLP, act in {"silu", "gelu_tanh", "gelu"} (gazelle.kernels.glu):
     e = x Wg^T + bg + s_g (x Ag^T) Bg^T     u = x Wu^T + bu + s_u (x Au^T) Bu^T     (N, I) each
     h = act(e) * u                          y = h Wd^T + bd + s_d (h Ad^T) Bd^T     (N, H)
 
-    backward: h is recomputed from (e, u) (kept instead when the forward was a recomputation); grad_h = g Wd + s_d (g Bd) Ad, grad_Ad = s_d (g Bd)^T h,
-    grad_Bd = s_d g^T (h Ad^T); (grad_e, grad_u) = glu_backward(grad_h, e, u); then gate and up as above
-    with g = grad_e, grad_u and the same x (their grad_x summed).
+    backward: h is recomputed from (e, u) (kept instead when the forward was a recomputation);
+    grad_h = g Wd + s_d (g Bd) Ad, grad_Ad = s_d (g Bd)^T h, grad_Bd = s_d g^T (h Ad^T);
+    (grad_e, grad_u) = glu_backward(grad_h, e, u); then gate and up as above with g = grad_e, grad_u and the
+    same x (their grad_x summed).
 
 Saved per token, in x's dtype: H + 2 I + r_g + r_u + r_d elements (x, e, u, x Ag^T, x Au^T, h Ad^T). Backward
 writes grad_e and grad_u over e and u (glu_backward(inplace=True)): a layer's backward then holds three (N, I)

@@ -2,9 +2,10 @@
 
 LoRA never changes a layer's base weights, and with offloaded checkpointing a layer needs them only while it runs:
 in the forward (under no autograd) and in backward, where its recomputation and its backward run back to back. So
-`count` layers, spread evenly through the stack, keep their frozen tensors (base weights, biases, norms, NF4 data
-and scales) in one pinned host buffer each, and the GPU holds `slots` device buffers of one layer's size. GPU
-memory then holds count - slots layers fewer: at the llama-8B shape in bf16 a layer is 0.41 GiB.
+`count` layers, spread evenly through the checkpointed ones (Decoder.uncheckpointed_layers run under autograd),
+keep their frozen tensors (base weights, biases, norms, NF4 data and scales) in one pinned host buffer each, and
+the GPU holds `slots` device buffers of one layer's size. GPU memory then holds count - slots layers fewer: at the
+llama-8B shape in bf16 a layer is 0.41 GiB.
 
 The copies run on a stream of their own and are started ahead, so they overlap the compute of the layers between
 the streamed ones:
@@ -87,6 +88,10 @@ class _Layer:
 
 
 class HostLayers:
+    """`count` layers of a gazelle Decoder streamed through `slots` device slots (see the module docstring).
+    `enable()` moves their frozen tensors to pinned host memory, `disable()` back to the device; while enabled the
+    decoder's forward calls `start()` and runs each streamed layer inside `running(...)`."""
+
     def __init__(self, model, count: int, slots: int = SLOTS):
         layers = model.model.layers
         if count < 1:

@@ -60,8 +60,9 @@ class TrainingArguments:
     """True recomputes each layer in backward; "unsloth" also offloads layer inputs to CPU on a GPU."""
     uncheckpointed_layers: int = 0
     """With gradient checkpointing, the top this many decoder layers keep their activations on the GPU instead of
-    recomputing them in backward (gazelle's decoder: Decoder.uncheckpointed_layers): memory for speed, about
-    0.45 GiB and 2.4 ms a step for each llama-8B layer at 2 x 2048 tokens (benchmarks/RESULTS.md)."""
+    recomputing them in backward (gazelle's decoder: Decoder.uncheckpointed_layers): memory for speed. At the
+    llama-8B shape, 2 x 2048 tokens, bf16 on an H100: 4 layers took 1.27 GiB and saved 14 ms of a 350 ms step
+    (benchmarks/RESULTS.md, session 11)."""
     cuda_graphs: bool | None = None
     """Replay each micro-batch's forward and backward from a CUDA graph captured per batch shape (the step's
     kernel launches cost the host one call). None: where it applies (CUDA, a trainer whose loss is capturable,
@@ -78,10 +79,11 @@ class TrainingArguments:
     to 1.96 GiB for 15% of its speed."""
     stream_layers: int = 0
     """Memory for host-link bandwidth in LoRA training with offloaded checkpointing: this many decoder layers, spread
-    through the stack, keep their frozen weights in pinned host memory and are copied into two device slots ahead of
-    each use (gazelle.models.host_layers); GPU memory holds stream_layers - 2 layers fewer. 0: none. The copies
-    overlap the other layers' compute, so leave at least three layers between streamed ones (benchmarks/RESULTS.md:
-    8 of the llama-8B shape's 32 layers)."""
+    through the checkpointed ones, keep their frozen weights in pinned host memory and are copied into two device
+    slots ahead of each use (gazelle.models.host_layers); GPU memory holds stream_layers - 2 layers fewer. 0: none.
+    The copies overlap the other layers' compute. On an H100 (benchmarks/RESULTS.md, session 11): 14 of qwen-1.5B's
+    28 layers at 8 x 1024, 3.11 GiB at 48,335 tok/s (session 10 without: 4.16 GiB, 46,123); 8 of llama-8B's 32 at
+    2 x 2048, 15.42 -> 12.99 GiB for 3-5% of the speed."""
     disable_tqdm: bool = False
     """Hide the progress bar."""
     dataloader_num_workers: int = 0

@@ -11,17 +11,16 @@ import torch
 import transformers
 
 from gazelle.errors import GazelleError
-from gazelle.lora import LoraConfig, lora_parameters
-from gazelle.lora.inject import inject_lora
+from gazelle.lora import lora_parameters
 from gazelle.losses.cross_entropy import cross_entropy_sum
 from gazelle.models.config import from_hf_config
 from gazelle.models.decoder import Decoder
 from gazelle.models.host_layers import HostLayers, spread
-from gazelle.quant import quantize_model
 from gazelle.trainers.graphed import GraphedStep
 from tests.kernels.check import needs_gpu
-from tests.lora import one_thread, randomize_lora  # noqa: F401  (one_thread: an autouse fixture)
+from tests.lora import one_thread  # noqa: F401  (an autouse fixture)
 from tests.tiny import COMMON
+from tests.trainers.test_graphed import for_training
 
 LAYERS = 7
 
@@ -30,13 +29,7 @@ def deep_model(seed: int = 0, nf4: bool = False, device: str = "cpu", ckpt: str 
     """A tiny llama of 7 layers with non-zero adapters, in training mode with the checkpointing `ckpt`."""
     torch.manual_seed(seed)
     model = Decoder(from_hf_config(transformers.LlamaConfig(**{**COMMON, "num_hidden_layers": LAYERS}).to_dict()))
-    if nf4:
-        model = quantize_model(model, torch.float32)
-    inject_lora(model, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
-    randomize_lora(model)
-    model.gradient_checkpointing = ckpt != "off"
-    model.checkpoint_offload = ckpt == "unsloth"
-    return model.to(device).train()
+    return for_training(model, device, nf4, ckpt)
 
 
 def batch(seed: int, rows: int = 2, length: int = 9) -> dict[str, torch.Tensor]:

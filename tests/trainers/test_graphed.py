@@ -20,7 +20,11 @@ from tests.lora import model_pair, randomize_lora
 
 
 def lora_model(family: str, device: str, nf4: bool = False, ckpt: str = "unsloth"):
-    _, model = model_pair(family)
+    return for_training(model_pair(family)[1], device, nf4, ckpt)
+
+
+def for_training(model, device: str, nf4: bool = False, ckpt: str = "unsloth"):
+    """model (4-bit base if nf4) with non-zero r=4 adapters on every linear, checkpointing `ckpt`, in training mode."""
     if nf4:
         model = quantize_model(model, torch.float32)
     inject_lora(model, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
