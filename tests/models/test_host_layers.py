@@ -165,14 +165,19 @@ def test_sft_trainer_streams_layers_and_hands_the_model_back(tmp_path):
                                                  use_gradient_checkpointing="unsloth")
         frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
         args = SFTConfig(output_dir=str(tmp_path / str(streamed)), max_steps=3, per_device_train_batch_size=4,
-                         learning_rate=1e-3, save_strategy="no", seed=1, disable_tqdm=True, stream_layers=streamed)
-        trainer = SFTTrainer(model, word_tokenizer(), text_rows(8, seed=2), args)
+                         learning_rate=1e-3, save_strategy="no", seed=1, disable_tqdm=True, stream_layers=streamed,
+                         eval_strategy="steps", eval_steps=1)
+        trainer = SFTTrainer(model, word_tokenizer(), text_rows(8, seed=2), args,
+                             eval_dataset=text_rows(4, seed=5))
         trainer.train()
         assert model._host_layers is None
         for name, p in model.named_parameters():
             if not p.requires_grad:
                 assert torch.equal(p, frozen[name]) and p.untyped_storage().nbytes() == p.nbytes, name
-        runs.append(([m["loss"] for m in trainer.metrics], [p.detach().clone() for p in lora_parameters(model)]))
+        # evaluations between steps (no autograd, eval mode) run the streamed layers too
+        assert len(trainer.eval_metrics) == 3
+        losses = [m["loss"] for m in trainer.metrics] + [m["eval_loss"] for m in trainer.eval_metrics]
+        runs.append((losses, [p.detach().clone() for p in lora_parameters(model)]))
     (losses, adapters), (streamed_losses, streamed_adapters) = runs
     assert streamed_losses == losses
     assert all(torch.equal(a, b) for a, b in zip(streamed_adapters, adapters))
