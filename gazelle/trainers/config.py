@@ -61,7 +61,7 @@ class TrainingArguments:
     uncheckpointed_layers: int = 0
     """With gradient checkpointing, the top this many decoder layers keep their activations on the GPU instead of
     recomputing them in backward (gazelle's decoder: Decoder.uncheckpointed_layers): memory for speed. At the
-    llama-8B shape, 2 x 2048 tokens, bf16 on an H100: 4 layers took 1.27 GiB and saved 14 ms of a 350 ms step
+    llama-8B shape, 2 x 2048 tokens, bf16 on an H100: 4 layers took 1.27 GiB and saved 17 ms of a 359 ms step
     (benchmarks/RESULTS.md, session 11)."""
     cuda_graphs: bool | None = None
     """Replay each micro-batch's forward and backward from a CUDA graph captured per batch shape (the step's
