@@ -54,13 +54,8 @@ def spread(n: int, count: int) -> list[int]:
 
 def _frozen_tensors(layer: nn.Module) -> list[torch.Tensor]:
     """The layer's parameters that do not require grad and its buffers, each once (tied tensors share one)."""
-    seen, out = set(), []
     tensors = [p for p in layer.parameters() if not p.requires_grad] + list(layer.buffers())
-    for t in tensors:
-        if id(t) not in seen:
-            seen.add(id(t))
-            out.append(t)
-    return out
+    return list({id(t): t for t in tensors}.values())
 
 
 class _Layer:

@@ -205,11 +205,12 @@ class Trainer:
         self._graphed = self._graphed_step(optimizer)
         stream = self._micro_batches(*position)
         window = {"loss": 0.0, "tokens": 0, "seen": 0, "steps": 0, "time": time.perf_counter()}
-        host = self._host_embeddings()
-        tiles = self._mlp_tiles()
-        unchecked = self._uncheckpointed_layers()
-        layers = self._host_layers()
-        try:
+        host, tiles, unchecked, layers = None, [], None, None
+        try:  # the settings below are undone in finally, also when one of them fails
+            host = self._host_embeddings()
+            tiles = self._mlp_tiles()
+            unchecked = self._uncheckpointed_layers()
+            layers = self._host_layers()
             with progress(total, self.global_step, disable=args.disable_tqdm) as bar:
                 while self.global_step < total:
                     for cb in self.callbacks:
@@ -282,14 +283,19 @@ class Trainer:
         host.enable()
         return host
 
+    def _decoder_layers(self, setting: str) -> nn.ModuleList:
+        """The model's decoder layers, for a setting that applies to gazelle's decoder only."""
+        body = getattr(self.model, "model", None)
+        if not isinstance(body, DecoderBody):
+            raise GazelleError(f"{setting} applies to gazelle's decoder, and this model is not one")
+        return body.layers
+
     def _uncheckpointed_layers(self) -> int | None:
         """Sets args.uncheckpointed_layers on the model; returns the model's own setting, to restore (None: unset)."""
         count = self.args.uncheckpointed_layers
         if not count:
             return None
-        layers = getattr(getattr(self.model, "model", None), "layers", None)
-        if not isinstance(getattr(self.model, "model", None), DecoderBody):
-            raise GazelleError("uncheckpointed_layers applies to gazelle's decoder, and this model is not one")
+        layers = self._decoder_layers("uncheckpointed_layers")
         if count > len(layers):
             raise GazelleError(f"uncheckpointed_layers={count} exceeds the model's {len(layers)} layers")
         own, self.model.uncheckpointed_layers = self.model.uncheckpointed_layers, count
@@ -306,8 +312,7 @@ class Trainer:
             return None
         if not self.supports_host_layers:
             raise GazelleError(f"stream_layers applies to SFT training, not to {type(self).__name__}; leave it at 0")
-        if not isinstance(getattr(self.model, "model", None), DecoderBody):
-            raise GazelleError("stream_layers applies to gazelle's decoder, and this model is not one")
+        self._decoder_layers("stream_layers")
         layers = HostLayers(self.model, count)
         layers.enable()
         return layers
