@@ -343,10 +343,12 @@ class Decoder(HFStyleMixin, nn.Module):
         tables = {rope: table(position_ids, h.dtype) for rope, table in self._rotary.items()}
         checkpointing = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
         # With checkpointing only each layer's input stays saved; "unsloth" mode parks it in CPU memory too.
-        session = self._offloader.session() if checkpointing and self.checkpoint_offload else None
+        stream = self._host_layers
+        # Streamed layers' weight copies share the host link with the inputs' copies back: those go two layers ahead.
+        ahead = 1 if stream is None else 2
+        session = self._offloader.session(ahead) if checkpointing and self.checkpoint_offload else None
         rng = checkpointing and self.draws_random()  # else the recomputation need not restore generator states
         checked = len(self.model.layers) - self.uncheckpointed_layers  # the layers below are checkpointed
-        stream = self._host_layers
         if stream is not None:
             if torch.is_grad_enabled() and (session is None or any(i >= checked for i in stream.indices)):
                 raise GazelleError(
@@ -373,6 +375,11 @@ class Decoder(HFStyleMixin, nn.Module):
                     h = layer(h, cos, sin, mask, cache)
             else:
                 h = layer(h, cos, sin, mask, cache)
+        if session is not None and 0 < checked < len(self.model.layers):
+            # Backward meets the top checkpointed layer after the uncheckpointed ones: its input comes back under
+            # them rather than with the GPU waiting (0.6 ms at llama-8B 2 x 2048), one layer input held meanwhile
+            # beside the uncheckpointed layers' activations.
+            session.prefetch(checked - 1)
         return self.model.norm(h)
 
     def draws_random(self) -> bool:

@@ -50,8 +50,8 @@ class ActivationOffloader:
         for buf in self._registered:
             torch.cuda.cudart().cudaHostUnregister(buf.data_ptr())
 
-    def session(self) -> OffloadSession:
-        return OffloadSession(self)
+    def session(self, ahead: int = 1) -> OffloadSession:
+        return OffloadSession(self, ahead)
 
     def take(self, x: torch.Tensor) -> torch.Tensor:
         """A free buffer holding at least x's elements in x's dtype, viewed as x's shape."""
@@ -88,10 +88,20 @@ class ActivationOffloader:
 
 
 class OffloadSession:
-    """The layer inputs of one forward pass: saved on the way forward, loaded (and prefetched) on the way back."""
+    """The layer inputs of one forward pass: saved on the way forward, loaded (and prefetched) on the way back.
 
-    def __init__(self, offloader: ActivationOffloader):
-        self.offloader = offloader
+    ahead: how many layers below the one loading have their inputs copied back already. One hides a copy under a
+    layer's backward. Two when other copies share the host link in backward (layers streamed from host memory,
+    gazelle.models.host_layers): copies to the device run one after another, so a layer's weights copied at the end
+    of a layer's backward (longer than a layer's backward at the llama-8B shape: 8.4 against 6.5 ms) would hold up
+    the input prefetched at the start of the next one, which then waits for both (2.4 ms a streamed layer, H100
+    trace); prefetched two ahead, the inputs are queued before the weights. It costs one layer input more on the GPU.
+    """
+
+    def __init__(self, offloader: ActivationOffloader, ahead: int = 1):
+        if ahead < 1:
+            raise ValueError(f"ahead must be at least 1, got {ahead}")
+        self.offloader, self.ahead = offloader, ahead
         self._saved: dict[int, tuple[torch.Tensor, torch.Size, torch.device]] = {}  # layer -> (buffer, shape, device)
         self._loading: dict[int, tuple[torch.Tensor, torch.cuda.Event | None]] = {}
         self._copying: tuple[torch.Tensor, torch.cuda.Event] | None = None  # see save, under capture
@@ -146,14 +156,15 @@ class OffloadSession:
         self._loading[layer] = (x, done)
 
     def load(self, layer: int) -> torch.Tensor:
-        """Layer's input back on its device, ready for the current stream; prefetches layer - 1's."""
+        """Layer's input back on its device, ready for the current stream; prefetches the `ahead` layers' below."""
         self.prefetch(layer)
         x, done = self._loading.pop(layer)
         buf, _, _ = self._saved.pop(layer)
         self.offloader.give_back(buf)
         if done is not None:
             torch.cuda.current_stream(x.device).wait_event(done)
-        self.prefetch(layer - 1)
+        for below in range(layer - 1, layer - 1 - self.ahead, -1):
+            self.prefetch(below)
         return x
 
 

@@ -60,3 +60,20 @@ def test_two_forward_passes_before_their_backwards():
         total = model.get_parameter(name).grad
         torch.testing.assert_close(total, expected[0][name] + expected[1][name], atol=1e-6, rtol=1e-5, msg=name)
     assert len(model._offloader._free) == 2 * model.config.num_layers  # every buffer went back to the pool
+
+
+@pytest.mark.parametrize("ahead", [1, 2, 3])
+def test_loading_a_layer_prefetches_the_inputs_of_the_layers_ahead_below_it(ahead):
+    """load(i) gives back exactly what save(i) took and leaves the next `ahead` inputs below already copied back
+    (two when layer weights stream over the same link: gazelle.models.offload.OffloadSession)."""
+    from gazelle.models.offload import ActivationOffloader
+
+    inputs = [torch.randn(3, 5) + i for i in range(6)]
+    session = ActivationOffloader().session(ahead)
+    for i, x in enumerate(inputs):
+        session.save(i, x)
+    for i in reversed(range(6)):
+        torch.testing.assert_close(session.load(i), inputs[i], rtol=0, atol=0)
+        assert sorted(session._loading) == list(range(max(0, i - ahead), i))
+    with pytest.raises(ValueError, match="ahead"):
+        ActivationOffloader().session(0)
