@@ -83,7 +83,7 @@ class TrainingArguments:
     slots ahead of each use (gazelle.models.host_layers); GPU memory holds stream_layers - 2 layers fewer. 0: none.
     The copies overlap the other layers' compute. On an H100 (benchmarks/RESULTS.md, session 11): 14 of qwen-1.5B's
     28 layers at 8 x 1024, 3.11 GiB at 48,335 tok/s (session 10 without: 4.16 GiB, 46,123). llama-8B at 2 x 2048
-    (session 12): 10 layers streamed and uncheckpointed_layers=6, 14.30 GiB at 12,372-12,514 tok/s, against 15.42
+    (session 12): 10 layers streamed and uncheckpointed_layers=6, 14.30 GiB at 12,372-12,589 tok/s, against 15.42
     GiB at 12,076 with neither."""
     disable_tqdm: bool = False
     """Hide the progress bar."""
