@@ -220,6 +220,49 @@ def test_uncheckpointed_layers_train_as_checkpointed_ones_and_are_never_streamed
         model(batch(0)["input_ids"])
 
 
+@pytest.mark.parametrize("ahead", [2, 1])
+def test_in_backward_the_inputs_below_are_queued_before_each_weight_copy(monkeypatch, ahead):
+    """Copies to the device run in the order issued (one copy engine): a streamed layer's weights, copied at the end of
+    a layer's backward, must not hold up the inputs the next two layers' recomputations read. So by then the input of
+    the layer two below must be on its way already: true with the decoder's two-ahead prefetch while layers stream,
+    false with one ahead (the check fails then, which the ahead=1 case asserts). With uncheckpointed layers on top,
+    the top checkpointed layer's input is on its way at the end of the forward."""
+    from gazelle.models import offload
+
+    events = []
+    prefetch, copy, load = offload.OffloadSession.prefetch, HostLayers._copy, offload.OffloadSession.load
+    monkeypatch.setattr(offload.OffloadSession, "prefetch",
+                        lambda self, i: (i in self._saved and i not in self._loading and events.append(("input", i)))
+                        or prefetch(self, i))
+    monkeypatch.setattr(offload.OffloadSession, "load", lambda self, i: events.append(("load", i)) or load(self, i))
+    monkeypatch.setattr(HostLayers, "_copy", lambda self, i, slot: events.append(("weights", i)) or copy(self, i, slot))
+    if ahead == 1:
+        real = offload.ActivationOffloader.session
+        monkeypatch.setattr(offload.ActivationOffloader, "session", lambda self, _=1: real(self, 1))
+    model = deep_model()
+    model.uncheckpointed_layers = 1
+    layers = HostLayers(model, 3)  # of layers 0-5: 1, 3, 5
+    layers.enable()
+    b = batch(0)
+    loss_sum, _ = loss_of(model)(b)
+    forward_end = len(events)
+    assert ("input", 5) in events[:forward_end]  # the top checkpointed layer's, under the uncheckpointed one
+    loss_sum.backward()
+    backward = events[forward_end:]
+    issued, late, running = set(), [], None
+    for kind, i in backward:
+        if kind == "input":
+            issued.add(i)
+        elif kind == "load":
+            running = i  # the layer whose recomputation and backward run now
+        elif running is not None:  # weights copied at the end of `running`'s backward
+            late += sorted({running - 1, running - 2} & set(range(6)) - issued)
+    if ahead == 2:
+        assert not late and any(k == "weights" for k, _ in backward)
+    else:
+        assert late  # what the H100 trace showed: an input's copy issued behind a layer's weights
+
+
 @needs_gpu
 @pytest.mark.parametrize("nf4, graphed", [(False, False), (False, True), (True, True)])
 def test_on_the_gpu_streamed_training_equals_device_training(nf4, graphed):
