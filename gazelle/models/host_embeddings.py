@@ -26,6 +26,7 @@ from torch import nn
 
 from gazelle.errors import GazelleError
 from gazelle.kernels.linear_cross_entropy import HeadSlices, default_slice_rows
+from gazelle.utils.pinned import pin, unpin
 
 RING_BYTES = 2**27  # device buffers of a streamed head: 4 slices of 32 MB
 
@@ -67,7 +68,7 @@ class HostEmbeddings:
         self.device = self.model.model.embed_tokens.weight.device
         for param in self._tables():
             host = param.data.to("cpu")
-            status = int(torch.cuda.cudart().cudaHostRegister(host.data_ptr(), host.nbytes, 0))
+            status = pin(host)
             if status != 0:
                 raise GazelleError(f"could not pin {host.nbytes / 2**30:.2f} GiB of host memory for the embeddings "
                                    f"(cudaError {status}); train with offload_embeddings=False")
@@ -82,7 +83,7 @@ class HostEmbeddings:
         for param in self._tables():
             param.data = param.data.to(self.device)
         for host in self._registered:
-            torch.cuda.cudart().cudaHostUnregister(host.data_ptr())
+            unpin(host)
         self._registered, self._pending, self.device = [], None, None
         self.model._host_embeddings = None
 

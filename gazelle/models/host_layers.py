@@ -41,6 +41,7 @@ import torch
 from torch import nn
 
 from gazelle.errors import GazelleError
+from gazelle.utils.pinned import pin, unpin
 
 SLOTS = 2
 ALIGN = 256  # bytes: every tensor's view into a layer's flat buffer starts at a multiple of this
@@ -134,7 +135,7 @@ class HostLayers:
                 raise GazelleError(f"layer {i}'s frozen tensors lie on several devices; stream_layers needs one")
             entry = _Layer(i, tensors)
             if entry.device.type == "cuda":
-                status = int(torch.cuda.cudart().cudaHostRegister(entry.host.data_ptr(), entry.host.nbytes, 0))
+                status = pin(entry.host)
                 if status != 0:
                     self._unregister()
                     raise GazelleError(f"could not pin {entry.host.nbytes / 2**30:.2f} GiB of host memory for layer "
@@ -165,7 +166,7 @@ class HostLayers:
     def _unregister(self) -> None:
         for entry in self._layers.values():
             if entry.device.type == "cuda":
-                torch.cuda.cudart().cudaHostUnregister(entry.host.data_ptr())
+                unpin(entry.host)
 
     # -- the schedule -------------------------------------------------------------------------
     def start(self) -> None:

@@ -25,6 +25,7 @@ from contextlib import contextmanager, nullcontext
 import torch
 
 from gazelle.errors import GazelleError
+from gazelle.utils.pinned import pin, unpin
 
 
 class ActivationOffloader:
@@ -48,7 +49,7 @@ class ActivationOffloader:
 
     def __del__(self):
         for buf in self._registered:
-            torch.cuda.cudart().cudaHostUnregister(buf.data_ptr())
+            unpin(buf)
 
     def session(self, ahead: int = 1) -> OffloadSession:
         return OffloadSession(self, ahead)
@@ -65,10 +66,8 @@ class ActivationOffloader:
         return buf
 
     def _pin(self, buf: torch.Tensor) -> None:
-        """Page-lock buf where it lies. pin_memory=True would go through torch's caching host allocator, which
-        rounds every block up to a power of two: a 3.3 GB layer input (400k tokens, hidden 4096) would take
-        4 GiB, and 32 of them more than the host has."""
-        status = int(torch.cuda.cudart().cudaHostRegister(buf.data_ptr(), buf.nbytes, 0))
+        """Page-lock buf where it lies (gazelle.utils.pinned: exactly its bytes, not a power of two)."""
+        status = pin(buf)
         if status != 0:
             pinned = self.pinned_bytes / 2**30
             raise GazelleError(
