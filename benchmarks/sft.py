@@ -19,7 +19,8 @@ SPEC = impl:shape:BATCHxSEQ[:4bit][:ckpt=off|on|unsloth][:graphs=off][:profile][
   copies started N layers before the loss (HostEmbeddings.prefetch_layers).
 - stream=K: K decoder layers' frozen weights streamed from host memory through two device slots
   (gazelle.models.host_layers; SFTConfig.stream_layers);
-- keep=N: the top N layers without checkpointing, their activations kept (SFTConfig.uncheckpointed_layers).
+- keep=N: the top N layers without checkpointing, their activations kept (SFTConfig.uncheckpointed_layers);
+- fold=off: the residual adds as kernels of their own, not in the fused LoRA products (decoder.RESIDUAL_IN_PRODUCTS).
 Each runs in a process of its own, so each peak is its own. Both libraries load the random weights that
 ../shared/bench/hf_baseline.py saves (/tmp/hf_baseline_SHAPE; built here the same way if missing), train LoRA r=32
 alpha=32 dropout 0 on q,k,v,o,gate,up,down with AdamW lr 1e-4 (weight decay 0.01) on the same tokens
@@ -67,7 +68,8 @@ def parse(spec: str) -> dict:
                 ckpt=_flag(flags, "ckpt") or "unsloth", spec=spec, profile="profile" in flags, graphs="graphs=off" not in flags, memory="memory" in flags,
                 host="embed=gpu" not in flags, tiles=_flag(flags, "tiles"), ring_mb=int(_flag(flags, "ring") or 0),
                 ahead=int(_flag(flags, "ahead") or 0), chunk_mb=int(_flag(flags, "chunk") or 0),
-                stream=int(_flag(flags, "stream") or 0), keep=int(_flag(flags, "keep") or 0))
+                stream=int(_flag(flags, "stream") or 0), keep=int(_flag(flags, "keep") or 0),
+                fold="fold=off" not in flags)
 
 
 def _flag(flags: list[str], name: str) -> str | None:
@@ -151,6 +153,10 @@ def run_gazelle(case: dict) -> dict:
     if case["memory"]:
         torch.cuda.memory._record_memory_history(max_entries=3_000_000)
     model = gazelle_model(case["shape"], case["q4"], case["ckpt"]).train()
+    if not case["fold"]:
+        from gazelle.models import decoder
+
+        decoder.RESIDUAL_IN_PRODUCTS = False
     if case["tiles"] is not None:
         for layer in model.model.layers:
             layer.mlp.light_tile_bytes = None if case["tiles"] == "off" else int(case["tiles"]) * 2**20

@@ -301,24 +301,34 @@ def _mm_wide(a: torch.Tensor, b: torch.Tensor, alpha: float, out_dtype: torch.dt
     return out.copy_(result)
 
 
-def _project(x2: torch.Tensor, xa: torch.Tensor, p: LoraProjection) -> torch.Tensor:
-    """x2 (N, in), xa = x2 A^T (N, r) -> y (N, out) in x2's dtype. The base weight lives only inside this call."""
+def _project(x2: torch.Tensor, xa: torch.Tensor, p: LoraProjection,
+             residual: torch.Tensor | None = None) -> torch.Tensor:
+    """x2 (N, in), xa = x2 A^T (N, r) -> y (N, out) in x2's dtype, plus residual (N, out) when given. The base
+    weight lives only inside this call."""
     dt = x2.dtype
     cd = p.base_dtype(dt)
     bs = _scaled_b(p, dt)  # (out, r)
     w = p.dense_weight()  # (out, in)
     if cd != dt:  # as Linear4bit: base in compute_dtype, cast back; the adapter is added in x's dtype
         bias = None if p.bias is None else p.bias.to(cd)
-        return F.linear(x2.to(cd), w, bias).to(dt).addmm_(xa, bs.T)
-    # The small-K adapter product first; the base GEMM then accumulates onto it (beta = 1, read in its epilogue).
-    y = torch.mm(xa, bs.T) if p.bias is None else torch.addmm(p.bias.to(dt), xa, bs.T)  # (N, out)
+        y = F.linear(x2.to(cd), w, bias).to(dt).addmm_(xa, bs.T)
+        return y if residual is None else y.add_(residual)
+    # The small-K adapter product first, onto the residual (read in its epilogue, instead of a separate add
+    # kernel); the base GEMM then accumulates onto that (beta = 1).
+    if residual is None:
+        y = torch.mm(xa, bs.T) if p.bias is None else torch.addmm(p.bias.to(dt), xa, bs.T)  # (N, out)
+    else:
+        y = torch.addmm(residual, xa, bs.T)
+        if p.bias is not None:
+            y.add_(p.bias.to(dt))
     return y.addmm_(x2, w.T)
 
 
-def _group_forward(x2: torch.Tensor, ps) -> tuple[list[torch.Tensor], torch.Tensor]:
-    """Projections of the same x2 (N, in): their outputs (N, out_i) and xa = x2 [A_1; ...]^T (N, R)."""
+def _group_forward(x2: torch.Tensor, ps, residual: torch.Tensor | None = None) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """Projections of the same x2 (N, in): their outputs (N, out_i) and xa = x2 [A_1; ...]^T (N, R).
+    residual (N, out): added to the only projection's output (a group of one)."""
     xa = torch.mm(x2, _stacked_a(ps, x2.dtype).T)  # (N, R)
-    outs = [_project(x2, xa_i, p) for p, xa_i in zip(ps, xa.split([p.rank for p in ps], dim=1))]
+    outs = [_project(x2, xa_i, p, residual) for p, xa_i in zip(ps, xa.split([p.rank for p in ps], dim=1))]
     return outs, xa
 
 
@@ -392,12 +402,13 @@ def _rows(t: torch.Tensor) -> torch.Tensor:
 
 
 class _LoraGroupFunction(torch.autograd.Function):
-    """Projections of one x (lora_linear: one, lora_qkv: three); saves x (N, in) and xa (N, R) only."""
+    """Projections of one x (lora_linear: one, lora_qkv: three); saves x (N, in) and xa (N, R) only.
+    residual: None, or (..., out) added to the output of a group of one (its gradient is the output's)."""
 
     @staticmethod
-    def forward(ctx, x, ps, *params):  # params: _params(ps), listed so autograd routes their gradients
+    def forward(ctx, x, residual, ps, *params):  # params: _params(ps), listed so autograd routes their gradients
         x2 = _rows(x)  # (N, in)
-        outs, xa = _group_forward(x2, ps)
+        outs, xa = _group_forward(x2, ps, None if residual is None else _rows(residual))
         ctx.ps, ctx.x_shape = ps, x.shape
         ctx.save_for_backward(x2, xa)
         return tuple(y.view(*x.shape[:-1], y.shape[-1]) for y in outs)
@@ -409,9 +420,10 @@ class _LoraGroupFunction(torch.autograd.Function):
         ps = ctx.ps
         grads = [[(0, p.out_features, _rows(g))] for p, g in zip(ps, grad_outs)]
         need_x = ctx.needs_input_grad[0]
-        grad_x, pgrads = _group_backward(x2, xa, ps, grads, need_x, _needs(ctx.needs_input_grad[2:], len(ps)))
+        grad_x, pgrads = _group_backward(x2, xa, ps, grads, need_x, _needs(ctx.needs_input_grad[3:], len(ps)))
         grad_x = grad_x.view(ctx.x_shape) if need_x else None
-        return grad_x, None, *_flat(pgrads)
+        grad_residual = grad_outs[0] if ctx.needs_input_grad[1] else None
+        return grad_x, grad_residual, None, *_flat(pgrads)
 
 
 class _LoraMlpFunction(torch.autograd.Function):
@@ -420,16 +432,18 @@ class _LoraMlpFunction(torch.autograd.Function):
     output=False leaves the down projection out (its output is returned unwritten): backward needs e, u and
     h Ad^T, never y, so a checkpoint's recomputation, whose output only routes gradients, skips that product.
     Its backward follows at once, so it also keeps h instead of forming it again: one (N, I) tensor more between
-    the two, which backward holds at its peak (with e, u and grad_h) either way."""
+    the two, which backward holds at its peak (with e, u and grad_h) either way.
+    residual (..., H): added to y by the down projection (its gradient is grad_y), or None."""
 
     @staticmethod
-    def forward(ctx, x, act, ups, down, output, *params):  # ups: (gate, up) or (gate_up,); params: _params(ups + (down,))
+    def forward(ctx, x, residual, act, ups, down, output, *params):
+        # ups: (gate, up) or (gate_up,); params: _params(ups + (down,)); residual None or (..., H), added to y
         x2 = _rows(x)  # (N, H)
         outs, xa = _group_forward(x2, ups)  # [(N, I), (N, I)] or [(N, 2I)]
         e, u = outs if len(outs) == 2 else outs[0].chunk(2, dim=-1)  # (N, I) each, halves may be strided
         h = glu_forward(e, u, act)  # (N, I)
         if output:
-            (y,), ha = _group_forward(h, (down,))  # (N, H), (N, r_d)
+            (y,), ha = _group_forward(h, (down,), None if residual is None else _rows(residual))  # (N, H), (N, r_d)
         else:
             ha = torch.mm(h, _stacked_a((down,), h.dtype).T)  # (N, r_d)
             y = x2.new_empty(x2.shape[0], down.out_features)
@@ -446,8 +460,8 @@ class _LoraMlpFunction(torch.autograd.Function):
         e, u = outs if len(outs) == 2 else outs[0].chunk(2, dim=-1)
         needs = ctx.needs_input_grad
         n_up = len(ups)
-        up_needs = _needs(needs[5:], n_up)
-        down_needs = _needs(needs[5 + 3 * n_up :], 1)
+        up_needs = _needs(needs[6:], n_up)
+        down_needs = _needs(needs[6 + 3 * n_up :], 1)
         need_h = needs[0] or any(any(n) for n in up_needs)
         g = _rows(grad_y)  # (N, H)
         if h is None:
@@ -466,7 +480,8 @@ class _LoraMlpFunction(torch.autograd.Function):
             grad_x, up_grads = _group_backward(x2, xa, ups, chunks, needs[0], up_needs)
             if grad_x is not None:
                 grad_x = grad_x.view(ctx.x_shape)
-        return grad_x, None, None, None, None, *_flat(up_grads), *_flat(down_grads)
+        grad_residual = grad_y if needs[1] else None
+        return grad_x, grad_residual, None, None, None, None, *_flat(up_grads), *_flat(down_grads)
 
 
 # ---------------------------------------------------------------------------------------------- public ops
@@ -489,11 +504,23 @@ def fusable(x: torch.Tensor, *modules: nn.Module) -> list[LoraProjection] | None
     return projections if all(p is not None for p in projections) else None
 
 
-def lora_linear(x: torch.Tensor, p: LoraProjection) -> torch.Tensor:
-    """x (..., in) -> (..., out) = x W^T + b + s (x A^T) B^T: fused, or lora_linear_ref per dispatch."""
+def _foldable(residual: torch.Tensor | None, x: torch.Tensor, out_features: int) -> bool:
+    """Whether the fused products can add residual themselves: x's dtype and the output's shape."""
+    return (residual is not None and residual.dtype == x.dtype
+            and residual.shape == (*x.shape[:-1], out_features))
+
+
+def lora_linear(x: torch.Tensor, p: LoraProjection, residual: torch.Tensor | None = None) -> torch.Tensor:
+    """x (..., in) -> (..., out) = x W^T + b + s (x A^T) B^T (+ residual): fused, or lora_linear_ref per dispatch.
+
+    residual (..., out): a residual stream to add; the fused path adds it in the adapter product's epilogue,
+    so the sum costs no kernel of its own."""
     if _fused(x, (p,)):
-        return _LoraGroupFunction.apply(x, (p,), *_params((p,)))[0]
-    return lora_linear_ref(x, p)
+        if residual is None or _foldable(residual, x, p.out_features):
+            return _LoraGroupFunction.apply(x, residual, (p,), *_params((p,)))[0]
+        return residual + _LoraGroupFunction.apply(x, None, (p,), *_params((p,)))[0]
+    y = lora_linear_ref(x, p)
+    return y if residual is None else residual + y
 
 
 def lora_qkv(x: torch.Tensor, q: LoraProjection, k: LoraProjection,
@@ -501,7 +528,7 @@ def lora_qkv(x: torch.Tensor, q: LoraProjection, k: LoraProjection,
     """The three attention projections of the same x (..., hidden) as one node: x saved once, grad_x summed."""
     ps = (q, k, v)
     if _fused(x, ps):
-        return _LoraGroupFunction.apply(x, ps, *_params(ps))
+        return _LoraGroupFunction.apply(x, None, ps, *_params(ps))
     return lora_qkv_ref(x, q, k, v)
 
 
@@ -518,14 +545,20 @@ def _check_mlp(gate, up, down, act, gate_up) -> None:
 
 def lora_mlp(x: torch.Tensor, gate: LoraProjection | None = None, up: LoraProjection | None = None,
              down: LoraProjection | None = None, act: str = "silu", *,
-             gate_up: LoraProjection | None = None, output: bool = True) -> torch.Tensor:
+             gate_up: LoraProjection | None = None, output: bool = True,
+             residual: torch.Tensor | None = None) -> torch.Tensor:
     """x (..., H) -> down(act(gate(x)) * up(x)) (..., H), act in ACTS; gate_up= replaces gate and up for a
     fused (2I, H) projection whose output halves are gate and up. Fused, or lora_mlp_ref per dispatch.
 
     output=False: the caller uses only the gradients that flow back through the result, not its values (a
-    checkpoint's recomputation); the fused path then skips the down projection and leaves the values unwritten."""
+    checkpoint's recomputation); the fused path then skips the down projection and leaves the values unwritten.
+    residual (..., H): added to the result; the fused path adds it in the down projection (no kernel of its own,
+    none at all with output=False)."""
     _check_mlp(gate, up, down, act, gate_up)
     ups = (gate_up,) if gate_up is not None else (gate, up)
     if _fused(x, ups + (down,)):
-        return _LoraMlpFunction.apply(x, act, ups, down, output, *_params(ups + (down,)))
-    return lora_mlp_ref(x, gate, up, down, act, gate_up=gate_up)
+        if residual is None or _foldable(residual, x, down.out_features):
+            return _LoraMlpFunction.apply(x, residual, act, ups, down, output, *_params(ups + (down,)))
+        return residual + _LoraMlpFunction.apply(x, None, act, ups, down, output, *_params(ups + (down,)))
+    y = lora_mlp_ref(x, gate, up, down, act, gate_up=gate_up)
+    return y if residual is None else residual + y

@@ -18,7 +18,7 @@ from gazelle.errors import GazelleError
 from gazelle.kernels.decode_attention import decode_attention
 from gazelle.kernels.glu import glu
 from gazelle.kernels.linear_cross_entropy import HeadSlices
-from gazelle.kernels.lora import fusable, lora_mlp, lora_qkv
+from gazelle.kernels.lora import fusable, lora_linear, lora_mlp, lora_qkv
 from gazelle.kernels.multi_linear import MAX_M as MULTI_MAX_M
 from gazelle.kernels.multi_linear import glu_linear, multi_linear
 from gazelle.kernels.rms_norm import rms_norm
@@ -76,7 +76,9 @@ class Attention(nn.Module):
             return out.split(self.split, dim=-1)
         return self.q_proj(x), self.k_proj(x), self.v_proj(x)
 
-    def forward(self, x, cos, sin, mask, cache=None):
+    def forward(self, x, cos, sin, mask, cache=None, residual=None):
+        """residual (B, T, hidden): added to the output (the layer's residual stream), by the fused LoRA o
+        projection's product where it runs."""
         B, T, _ = x.shape
         q, k, v = self.project(x)
         q = q.view(B, T, self.num_heads, self.head_dim)
@@ -92,7 +94,13 @@ class Attention(nn.Module):
             out = decode_attention(q, k, v, cache.slots[:, 0], self.scale, self.softcap, self.window)
         else:
             out = attend(q, k, v, mask, self.scale, self.softcap)  # (B, heads, T, D)
-        return self.o_proj(out.transpose(1, 2).reshape(B, T, -1))
+        out = out.transpose(1, 2).reshape(B, T, -1)
+        if residual is None:
+            return self.o_proj(out)
+        adapted = fusable(out, self.o_proj)
+        if adapted:
+            return lora_linear(out, *adapted, residual=residual)
+        return residual + self.o_proj(out)
 
 
 GROUPED_DECODE = True  # benchmarks/generate.py --no-grouped turns it off to measure the separate products
@@ -180,9 +188,17 @@ class MLP(nn.Module):
         activation outputs (and their gradients), not the whole sequence's. Not with active dropout, whose draws
         would follow the tiles. None: never."""
 
-    def forward(self, x: torch.Tensor, output: bool = True) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, output: bool = True, residual: torch.Tensor | None = None) -> torch.Tensor:
         """output=False: only gradients will flow back through the result (a checkpoint's recomputation), so
-        the fused LoRA path may leave its values unwritten and skip the down projection (lora_mlp)."""
+        the fused LoRA path may leave its values unwritten and skip the down projection (lora_mlp).
+        residual (..., hidden): added to the output; the untiled fused LoRA path adds it in the down projection."""
+        y = self._tiles(x, output)
+        if y is None:
+            return self.block(x, output, residual)
+        return y if residual is None else residual + y
+
+    def _tiles(self, x: torch.Tensor, output: bool) -> torch.Tensor | None:
+        """The output computed tile by tile when the sequence calls for tiles (see tile_bytes), else None."""
         # Grad mode must not decide: a checkpointed forward runs without autograd and its recomputation with it,
         # and both must draw LoRA dropout in the same (tile) order.
         tokens, forced = x.shape[:-1].numel(), forced_tile()
@@ -201,23 +217,27 @@ class MLP(nn.Module):
             tile = -(-tokens // tiles)
             tile = -(-tile // 128) * 128 if tile > 128 else tile  # whole multiples of 128 rows for the GEMMs
             return tiled(block, x, tile, values=output, rng=False)
-        return self.block(x, output)
+        return None
 
-    def block(self, x: torch.Tensor, output: bool = True) -> torch.Tensor:
+    def block(self, x: torch.Tensor, output: bool = True, residual: torch.Tensor | None = None) -> torch.Tensor:
         if self.fused:
             adapted = fusable(x, self.gate_up_proj, self.down_proj)
             if adapted:
-                return lora_mlp(x, down=adapted[1], act=self.act, gate_up=adapted[0], output=output)
+                return lora_mlp(x, down=adapted[1], act=self.act, gate_up=adapted[0], output=output, residual=residual)
             gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+            y = self.down_proj(glu(gate, up, self.act))
         else:
             adapted = fusable(x, self.gate_proj, self.up_proj, self.down_proj)
             if adapted:
-                return lora_mlp(x, *adapted, act=self.act, output=output)
+                return lora_mlp(x, *adapted, act=self.act, output=output, residual=residual)
             hidden = grouped(x, (self.gate_proj, self.up_proj), self.act)
-            if hidden is not None:
-                return self.down_proj(hidden)
-            gate, up = self.gate_proj(x), self.up_proj(x)
-        return self.down_proj(glu(gate, up, self.act))
+            if hidden is None:
+                hidden = glu(self.gate_proj(x), self.up_proj(x), self.act)
+            y = self.down_proj(hidden)
+        return y if residual is None else residual + y
+
+
+RESIDUAL_IN_PRODUCTS = True  # benchmarks/sft.py fold=off turns it off to measure the separate residual adds
 
 
 class DecoderLayer(nn.Module):
@@ -240,8 +260,12 @@ class DecoderLayer(nn.Module):
         if self.sandwich:  # gemma: norms on both sides of attention and of the MLP
             x = x + self.post_attention_layernorm(self.self_attn(self.input_layernorm(x), cos, sin, mask, cache))
             return x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x)))
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache)
-        return x + self.mlp(self.post_attention_layernorm(x), output)
+        if not RESIDUAL_IN_PRODUCTS:
+            x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache)
+            return x + self.mlp(self.post_attention_layernorm(x), output)
+        # The residual adds go into the fused LoRA products' epilogues where those run (no add kernels).
+        x = self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, residual=x)
+        return self.mlp(self.post_attention_layernorm(x), output, residual=x)
 
     def recompute(self, x, cos, sin, mask, cache=None):
         """forward for a checkpoint's recomputation (output=False)."""

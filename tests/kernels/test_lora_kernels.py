@@ -8,7 +8,8 @@ in Triton's interpreter in float32, in torch math in float64). An NF4 base is fl
 weights) and, as Linear4bit does, runs in its compute_dtype float32 even for float64 activations; the fused
 path reproduces that rounding, so float64 keeps its 1e-10 tolerance.
 GPU (@needs_gpu): qwen2.5-1.5B and llama-3-8B shapes in bf16 against the modules in float32, relative Frobenius
-error < 1e-2 for outputs and all gradients; and the memory lora_mlp keeps for backward against plain autograd.
+error < 1e-2 for outputs and all gradients (also with the residual stream added by the o and MLP products); and
+the memory lora_mlp keeps for backward against plain autograd.
 """
 
 from __future__ import annotations
@@ -328,6 +329,46 @@ def test_strided_input(cpu_fused):
     assert_close(fast, run_ref(lambda t: m(t[..., ::2]), wide, [m]), torch.float32)
 
 
+@pytest.mark.parametrize("dtype, nf4, bias", CASES)
+def test_residual_added_by_the_products(cpu_fused, dtype, nf4, bias):
+    """residual= (the decoder layer's residual stream): lora_linear and lora_mlp equal residual + the modules, in
+    value and in every gradient, the residual's included, and the fused node itself returns the sum (no add
+    node after it). The input and the residual are two column ranges of one tensor, so both are strided."""
+    m = make_lora(HIDDEN, OUT, dtype=dtype, bias=bias, nf4=nf4)
+    (p,) = projections(m)
+    both = tokens(dtype, features=HIDDEN + OUT)
+    split = lambda t: (t[..., :HIDDEN], t[..., HIDDEN:])  # noqa: E731
+    fast = run(lambda t: lora_linear(*split(t)[:1], p, residual=split(t)[1]), both, [m])
+    assert_close(fast, run_ref(lambda t: split(t)[1] + m(split(t)[0]), both, [m]), dtype)
+    x, r = split(both.requires_grad_())
+    assert_fused(lora_linear(x, p, residual=r), "_LoraGroupFunction")
+
+    mods = mlp_modules(dtype, nf4, bias)
+    gate, up, down = projections(*mods)
+    both = tokens(dtype, features=2 * HIDDEN)
+    split = lambda t: (t[..., :HIDDEN], t[..., HIDDEN:])  # noqa: E731
+    fn = mlp_module_fn(mods, "silu")
+    ref = run_ref(lambda t: split(t)[1] + fn(split(t)[0]), both, mods)
+    assert_close(run(lambda t: lora_mlp(split(t)[0], gate, up, down, residual=split(t)[1]), both, mods), ref, dtype)
+    x, r = split(both.requires_grad_())
+    assert_fused(lora_mlp(x, gate, up, down, residual=r), "_LoraMlpFunction")
+    # output=False (a recomputation): values unwritten, every gradient (the residual's too) still autograd's
+    _, grads = run(lambda t: lora_mlp(split(t)[0], gate, up, down, output=False, residual=split(t)[1]), both, mods)
+    assert_close(([], grads), ([], ref[1]), dtype)
+
+
+def test_residual_of_another_dtype_is_added_after(cpu_fused):
+    """A residual the products cannot take (float64 beside float32 activations) is added by torch: promoted as
+    residual + module(x) would be."""
+    m = make_lora(HIDDEN, OUT)
+    (p,) = projections(m)
+    x, r = tokens(torch.float32), tokens(torch.float64, features=OUT, seed=2)
+    y = lora_linear(x, p, residual=r)
+    assert y.dtype == torch.float64
+    with kernels("ref"):
+        torch.testing.assert_close(y, r + m(x), atol=1e-6, rtol=1e-6)
+
+
 @pytest.mark.parametrize("mode", ["ref", "auto"])
 def test_dispatch_reference(monkeypatch, mode):
     """GAZELLE_KERNELS=ref, and auto on CPU, run the reference: exactly the modules' own computation."""
@@ -340,6 +381,8 @@ def test_dispatch_reference(monkeypatch, mode):
     assert torch.equal(y, mlp_module_fn(mods, "silu")(x))
     assert torch.equal(lora_linear(x, gate), mods[0](x))
     assert all(torch.equal(a, b) for a, b in zip(lora_qkv(x, gate, up, gate), (mods[0](x), mods[1](x), mods[0](x))))
+    r = tokens(torch.float32, seed=3)
+    assert torch.equal(lora_mlp(x, gate, up, down, residual=r), r + mlp_module_fn(mods, "silu")(x))
 
 
 def test_of_declines_what_it_cannot_fuse():
@@ -433,6 +476,32 @@ def test_gpu_bf16(fused, model, nf4, op):
     y = fast_fn(x.bfloat16().requires_grad_())
     assert_fused(y[0] if op == "qkv" else y, "_LoraMlpFunction" if op == "mlp" else "_LoraGroupFunction")
     assert_rel(fast, run_ref(ref_fn, x, ref_mods))
+
+
+@needs_gpu
+@pytest.mark.parametrize("nf4", [False, True], ids=["dense", "nf4"])
+@pytest.mark.parametrize("op", ["mlp", "o"])
+def test_gpu_bf16_residual(fused, nf4, op):
+    """The llama-8B shape's o and MLP products adding the residual stream, bf16 against float32 modules (+ the
+    residual by torch): outputs and every gradient, the residual's included, relative error < 1e-2."""
+    cfg = MODELS["llama-8B"]
+    h = cfg["hidden"]
+    if op == "mlp":
+        pairs = [gpu_pair(h, cfg["inter"], nf4, False, 1), gpu_pair(h, cfg["inter"], nf4, False, 2),
+                 gpu_pair(cfg["inter"], h, nf4, False, 3)]
+        fast_mods, ref_mods = zip(*pairs)
+        gate, up, down = projections(*fast_mods)
+        width, module = h, mlp_module_fn(ref_mods, "silu")
+        fast_fn = lambda t: lora_mlp(t[..., :width], gate, up, down, residual=t[..., width:])  # noqa: E731
+    else:
+        fast_m, ref_m = gpu_pair(cfg["q"], h, nf4, False, 7)
+        fast_mods, ref_mods, (p,) = [fast_m], [ref_m], projections(fast_m)
+        width, module = cfg["q"], ref_m
+        fast_fn = lambda t: lora_linear(t[..., :width], p, residual=t[..., width:])  # noqa: E731
+    both = torch.randn(1, cfg["n"], width + h, device="cuda")
+    fast = run(fast_fn, both.bfloat16(), fast_mods)
+    assert_fused(fast_fn(both.bfloat16().requires_grad_()), "_LoraMlpFunction" if op == "mlp" else "_LoraGroupFunction")
+    assert_rel(fast, run_ref(lambda t: t[..., width:] + module(t[..., :width]), both, ref_mods))
 
 
 @needs_gpu
