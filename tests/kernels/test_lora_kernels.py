@@ -438,6 +438,13 @@ def gpu_pair(in_f, out_f, nf4, bias, seed):
     return fast, ref
 
 
+def gpu_mlp_pairs(cfg: dict, nf4: bool):
+    """(fast, ref) module triples gate, up, down at a MODELS shape, without biases."""
+    h, inter = cfg["hidden"], cfg["inter"]
+    pairs = [gpu_pair(h, inter, nf4, False, 1), gpu_pair(h, inter, nf4, False, 2), gpu_pair(inter, h, nf4, False, 3)]
+    return tuple(zip(*pairs))
+
+
 def rel_error(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a.float() - b.float()).norm() / b.float().norm()).item()
 
@@ -456,9 +463,7 @@ def test_gpu_bf16(fused, model, nf4, op):
     cfg = MODELS[model]
     h = cfg["hidden"]
     if op == "mlp":
-        pairs = [gpu_pair(h, cfg["inter"], nf4, False, 1), gpu_pair(h, cfg["inter"], nf4, False, 2),
-                 gpu_pair(cfg["inter"], h, nf4, False, 3)]
-        fast_mods, ref_mods = zip(*pairs)
+        fast_mods, ref_mods = gpu_mlp_pairs(cfg, nf4)
         gate, up, down = projections(*fast_mods)
         fast_fn, ref_fn = (lambda t: lora_mlp(t, gate, up, down, "silu")), mlp_module_fn(ref_mods, "silu")
     elif op == "qkv":
@@ -487,9 +492,7 @@ def test_gpu_bf16_residual(fused, nf4, op):
     cfg = MODELS["llama-8B"]
     h = cfg["hidden"]
     if op == "mlp":
-        pairs = [gpu_pair(h, cfg["inter"], nf4, False, 1), gpu_pair(h, cfg["inter"], nf4, False, 2),
-                 gpu_pair(cfg["inter"], h, nf4, False, 3)]
-        fast_mods, ref_mods = zip(*pairs)
+        fast_mods, ref_mods = gpu_mlp_pairs(cfg, nf4)
         gate, up, down = projections(*fast_mods)
         width, module = h, mlp_module_fn(ref_mods, "silu")
         fast_fn = lambda t: lora_mlp(t[..., :width], gate, up, down, residual=t[..., width:])  # noqa: E731
@@ -510,8 +513,7 @@ def test_gpu_mlp_saves_less(fused, nf4):
     """Memory held from forward to backward (output included): e and u against e, act(e), u, h (+ NF4 weights)."""
     cfg = MODELS["qwen-1.5B"]
     n, h, inter = cfg["n"], cfg["hidden"], cfg["inter"]
-    mods = [gpu_pair(h, inter, nf4, False, 1)[0], gpu_pair(h, inter, nf4, False, 2)[0],
-            gpu_pair(inter, h, nf4, False, 3)[0]]
+    mods = list(gpu_mlp_pairs(cfg, nf4)[0])
     gate, up, down = projections(*mods)
     x = torch.randn(n, h, device="cuda", dtype=torch.bfloat16, requires_grad=True)
 
