@@ -20,7 +20,7 @@ SPEC = impl:shape:BATCHxSEQ[:4bit][:ckpt=off|on|unsloth][:graphs=off][:profile][
 - stream=K: K decoder layers' frozen weights streamed from host memory through two device slots
   (gazelle.models.host_layers; SFTConfig.stream_layers);
 - keep=N: the top N layers without checkpointing, their activations kept (SFTConfig.uncheckpointed_layers);
-- fold=off: the residual adds as kernels of their own, not in the fused LoRA products (decoder.RESIDUAL_IN_PRODUCTS).
+- fold=off: the residual adds as kernels of their own, not in the fused LoRA products (gazelle.kernels.lora.FOLD_RESIDUAL).
 Each runs in a process of its own, so each peak is its own. Both libraries load the random weights that
 ../shared/bench/hf_baseline.py saves (/tmp/hf_baseline_SHAPE; built here the same way if missing), train LoRA r=32
 alpha=32 dropout 0 on q,k,v,o,gate,up,down with AdamW lr 1e-4 (weight decay 0.01) on the same tokens
@@ -154,9 +154,9 @@ def run_gazelle(case: dict) -> dict:
         torch.cuda.memory._record_memory_history(max_entries=3_000_000)
     model = gazelle_model(case["shape"], case["q4"], case["ckpt"]).train()
     if not case["fold"]:
-        from gazelle.models import decoder
+        from gazelle.kernels import lora
 
-        decoder.RESIDUAL_IN_PRODUCTS = False
+        lora.FOLD_RESIDUAL = False
     if case["tiles"] is not None:
         for layer in model.model.layers:
             layer.mlp.light_tile_bytes = None if case["tiles"] == "off" else int(case["tiles"]) * 2**20

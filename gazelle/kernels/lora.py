@@ -504,10 +504,15 @@ def fusable(x: torch.Tensor, *modules: nn.Module) -> list[LoraProjection] | None
     return projections if all(p is not None for p in projections) else None
 
 
-def _foldable(residual: torch.Tensor | None, x: torch.Tensor, out_features: int) -> bool:
-    """Whether the fused products can add residual themselves: x's dtype and the output's shape."""
-    return (residual is not None and residual.dtype == x.dtype
-            and residual.shape == (*x.shape[:-1], out_features))
+FOLD_RESIDUAL = True  # benchmarks/sft.py fold=off turns it off to measure the residual adds as kernels of their own
+
+
+def _folded(residual: torch.Tensor | None, x: torch.Tensor, out_features: int) -> torch.Tensor | None:
+    """residual where the fused products can add it themselves (x's dtype, the output's shape), else None."""
+    if FOLD_RESIDUAL and residual is not None and residual.dtype == x.dtype \
+            and residual.shape == (*x.shape[:-1], out_features):
+        return residual
+    return None
 
 
 def lora_linear(x: torch.Tensor, p: LoraProjection, residual: torch.Tensor | None = None) -> torch.Tensor:
@@ -516,10 +521,12 @@ def lora_linear(x: torch.Tensor, p: LoraProjection, residual: torch.Tensor | Non
     residual (..., out): a residual stream to add; the fused path adds it in the adapter product's epilogue,
     so the sum costs no kernel of its own."""
     if _fused(x, (p,)):
-        if residual is None or _foldable(residual, x, p.out_features):
-            return _LoraGroupFunction.apply(x, residual, (p,), *_params((p,)))[0]
-        return residual + _LoraGroupFunction.apply(x, None, (p,), *_params((p,)))[0]
-    y = lora_linear_ref(x, p)
+        folded = _folded(residual, x, p.out_features)
+        y = _LoraGroupFunction.apply(x, folded, (p,), *_params((p,)))[0]
+        if folded is not None:
+            return y
+    else:
+        y = lora_linear_ref(x, p)
     return y if residual is None else residual + y
 
 
@@ -557,8 +564,10 @@ def lora_mlp(x: torch.Tensor, gate: LoraProjection | None = None, up: LoraProjec
     _check_mlp(gate, up, down, act, gate_up)
     ups = (gate_up,) if gate_up is not None else (gate, up)
     if _fused(x, ups + (down,)):
-        if residual is None or _foldable(residual, x, down.out_features):
-            return _LoraMlpFunction.apply(x, residual, act, ups, down, output, *_params(ups + (down,)))
-        return residual + _LoraMlpFunction.apply(x, None, act, ups, down, output, *_params(ups + (down,)))
-    y = lora_mlp_ref(x, gate, up, down, act, gate_up=gate_up)
+        folded = _folded(residual, x, down.out_features)
+        y = _LoraMlpFunction.apply(x, folded, act, ups, down, output, *_params(ups + (down,)))
+        if folded is not None:
+            return y
+    else:
+        y = lora_mlp_ref(x, gate, up, down, act, gate_up=gate_up)
     return y if residual is None else residual + y

@@ -237,9 +237,6 @@ class MLP(nn.Module):
         return y if residual is None else residual + y
 
 
-RESIDUAL_IN_PRODUCTS = True  # benchmarks/sft.py fold=off turns it off to measure the separate residual adds
-
-
 class DecoderLayer(nn.Module):
     def __init__(self, cfg: DecoderConfig, layer: int):
         super().__init__()
@@ -260,9 +257,6 @@ class DecoderLayer(nn.Module):
         if self.sandwich:  # gemma: norms on both sides of attention and of the MLP
             x = x + self.post_attention_layernorm(self.self_attn(self.input_layernorm(x), cos, sin, mask, cache))
             return x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x)))
-        if not RESIDUAL_IN_PRODUCTS:
-            x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache)
-            return x + self.mlp(self.post_attention_layernorm(x), output)
         # The residual adds go into the fused LoRA products' epilogues where those run (no add kernels).
         x = self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, residual=x)
         return self.mlp(self.post_attention_layernorm(x), output, residual=x)
